@@ -1,0 +1,1 @@
+"""geektime: plain-PyTorch image classification with Hydra configs."""

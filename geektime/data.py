@@ -1,0 +1,324 @@
+"""Image folders in, uint8 batches out; normalization happens on the device, after the copy.
+
+Deterministic transforms (no augmentation) are decoded once, in parallel, into one uint8 tensor
+that every epoch (and every checkpoint under evaluation) reuses: on a small machine decoding a
+multi-megapixel JPEG costs as much as a training step, so it should happen once.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from geektime.config import ConfigError, cpu_count, resolved_image_size
+from geektime.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb, scan_images
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- the embedded default data
+
+def digits_root() -> Path:
+    return Path(os.environ.get("GEEKTIME_DATA", Path.home() / ".cache" / "geektime")).expanduser() / "digits-v1"
+
+
+def ensure_digits() -> tuple[Path, Path]:
+    """scikit-learn's 1,797 handwritten digits as an ImageFolder (80/20 stratified split), written once."""
+    root = digits_root()
+    if not (root / "done").exists():
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(pixels)), test_size=0.2, stratify=digits.target, random_state=0)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="digits-", dir=root.parent))
+        for split, indices in (("train", train_idx), ("val", val_idx)):
+            for i in indices:
+                folder = staging / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+        (staging / "done").touch()
+        try:
+            os.replace(staging, root)  # atomic: parallel sweep jobs race safely
+        except OSError:  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("wrote the embedded digits data set to %s", root)
+    return root / "train", root / "val"
+
+
+# ---------------------------------------------------------------- folders
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with our listing: hidden entries skipped, symlink loops safe, clear errors."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise ConfigError(f"{directory}: no class folders. Expected {directory}/<class name>/<image files>.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, empty = [], []
+        for name, index in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+            files = list_images(Path(directory) / name)
+            if not files:
+                empty.append(name)
+            samples.extend((str(f), index) for f in files)
+        if empty and not allow_empty:
+            raise ConfigError(
+                f"{directory}: class folder(s) with no images: {', '.join(empty)}. "
+                f"Add images ({', '.join(IMAGE_EXTENSIONS)}) or remove the folder(s).")
+        return samples
+
+
+def open_folder(key: str, directory: Path | str, classes: Sequence[str] | None = None) -> ImageFolder:
+    """An ImageFolder whose classes must equal `classes` when given (val must match train)."""
+    folder = ImageFolder(str(directory), loader=load_rgb)
+    if classes is not None and list(folder.classes) != list(classes):
+        raise ConfigError(
+            f"{key}={directory} has classes {folder.classes} but the model's classes are {list(classes)}. "
+            "Give every split the same class sub-folders.")
+    return folder
+
+
+# ---------------------------------------------------------------- transforms
+
+class Letterbox:
+    """Fit the long side, keep the aspect ratio, pad to (H, W) with `fill` (centred)."""
+
+    def __init__(self, size: tuple[int, int], fill: Sequence[int] = (0, 0, 0)):
+        self.size, self.fill = size, tuple(int(c) for c in fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        height, width = self.size
+        scale = min(height / img.height, width / img.width)
+        new_w, new_h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        canvas = Image.new("RGB", (width, height), self.fill)
+        canvas.paste(img.resize((new_w, new_h), Image.BILINEAR), ((width - new_w) // 2, (height - new_h) // 2))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"Letterbox(size={self.size}, fill={self.fill})"
+
+
+def build_transform(tcfg, size: tuple[int, int], train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> uint8 CHW tensor of `size`; the random parts only when `train` and augmentation is on."""
+    augment = train and tcfg.augment.enabled
+    steps: list = []
+    if augment and tcfg.augment.random_resized_crop:
+        steps.append(v2.RandomResizedCrop(size, scale=tuple(tcfg.augment.scale), ratio=tuple(tcfg.augment.ratio)))
+    elif tcfg.name == "resize":
+        steps.append(v2.Resize(size))
+    elif tcfg.name == "letterbox":
+        steps.append(Letterbox(size, tcfg.fill))
+    else:  # center_crop
+        steps += [v2.Resize(max(size)), v2.CenterCrop(size)]
+    if augment and tcfg.augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.PILToTensor())
+    return v2.Compose(steps)
+
+
+def is_deterministic(tcfg, train: bool) -> bool:
+    return not (train and tcfg.augment.enabled)
+
+
+def decode_size(tcfg, size: tuple[int, int], train: bool) -> tuple[int, int]:
+    """The smallest decoded size that loses nothing: JPEGs are decoded at a DCT scale at least this big."""
+    if train and tcfg.augment.enabled and tcfg.augment.random_resized_crop:
+        return size[0] * 2, size[1] * 2  # crops are upscaled: keep some detail in reserve
+    if tcfg.name == "center_crop":
+        return max(size), max(size)
+    return size
+
+
+class InputNormalizer:
+    """uint8 NCHW batch on the device -> normalized float batch (advprop: x*2-1; else ImageNet mean/std)."""
+
+    def __init__(self, normalization: str, device: torch.device, channels_last: bool):
+        if normalization == "advprop":
+            mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return (batch.float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+
+
+# ---------------------------------------------------------------- decoded-once images
+
+class DecodedImages(Dataset):
+    """Images decoded and transformed once, held as one uint8 tensor (N, 3, H, W)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, paths: list[str]):
+        self.images, self.targets, self.paths = images, targets, paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index]
+
+
+class FileImages(Dataset):
+    """Decode on every access: for random (augmenting) transforms, run in DataLoader workers."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform, min_size: tuple[int, int]):
+        self.samples, self.transform, self.min_size = samples, transform, min_size
+        self.paths = [p for p, _ in samples]
+        self.targets = torch.tensor([t for _, t in samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.transform(load_rgb(path, self.min_size)), target
+
+
+def _decode_one(job):
+    path, transform, min_size = job
+    try:
+        return transform(load_rgb(path, min_size)).numpy(), None
+    except BadImageError as err:
+        return None, err.reason
+
+
+def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size: tuple[int, int],
+               workers: int | None = None, desc: str = "decoding") -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Decode every image once in parallel; returns the uint8 stack (bad ones zeroed) and the bad files."""
+    images = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
+    bad: list[tuple[str, str]] = []
+    workers = workers or cpu_count()
+    jobs = [(p, transform, min_size) for p in paths]
+    progress = tqdm(total=len(paths), desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    if workers > 1 and len(paths) > 8:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        results = pool.imap(_decode_one, jobs, chunksize=max(1, min(32, len(paths) // (workers * 8))))
+    else:
+        pool, results = None, map(_decode_one, jobs)
+    try:
+        for i, (array, reason) in enumerate(results):
+            if reason is None:
+                images[i] = torch.from_numpy(array)
+            else:
+                images[i] = 0
+                bad.append((paths[i], reason))
+            progress.update()
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return images, bad
+
+
+# ---------------------------------------------------------------- assembling a split
+
+def report_bad(key: str, bad: list[tuple[str, str]], policy: str, root: str) -> None:
+    if not bad:
+        return
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if policy == "error":
+        raise ConfigError(
+            f"{key}: {len(bad)} unreadable image(s):\n{listing}\n"
+            f"Fix or move them (python -m geektime.verify {root} --quarantine <dir>), "
+            "or set data.on_bad_image=skip to leave them out.")
+    log.warning("%s: skipping %d unreadable image(s):\n%s", key, len(bad), listing)
+
+
+def want_cache(dcfg, count: int, size: tuple[int, int]) -> bool:
+    setting = str(dcfg.cache).lower()
+    if setting != "auto":
+        return setting == "true"
+    return count * 3 * size[0] * size[1] <= float(dcfg.cache_max_gb) * 2**30
+
+
+def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int], train: bool,
+               workers: int | None = None) -> Dataset:
+    """A split as a Dataset of (uint8 CHW, target): decoded once when deterministic, else on the fly."""
+    transform = build_transform(tcfg, size, train)
+    min_size = decode_size(tcfg, size, train)
+    paths = [p for p, _ in folder.samples]
+    targets = torch.tensor(folder.targets, dtype=torch.long)
+    if is_deterministic(tcfg, train) and want_cache(dcfg, len(paths), size):
+        images, bad = decode_all(paths, transform, min_size, size, workers, desc=f"decoding {key}")
+        report_bad(key, bad, dcfg.on_bad_image, folder.root)
+        keep = [i for i, p in enumerate(paths) if p not in {b for b, _ in bad}]
+        if len(keep) < len(paths):
+            images, targets, paths = images[keep], targets[keep], [paths[i] for i in keep]
+        return DecodedImages(images, targets, paths)
+    bad = scan_images([Path(p) for p in paths], workers=workers, progress=True)
+    bad = [(str(p), reason) for p, reason in bad]
+    report_bad(key, bad, dcfg.on_bad_image, folder.root)
+    skip = {p for p, _ in bad}
+    return FileImages([s for s in folder.samples if s[0] not in skip], transform, min_size)
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    image_size: tuple[int, int]
+    train: Dataset
+    val: Dataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_sampler: DistributedSampler
+
+
+def loader_workers(dcfg, dataset: Dataset, processes: int = 1) -> int:
+    if dcfg.num_workers != "auto":
+        return int(dcfg.num_workers)
+    if isinstance(dataset, DecodedImages):
+        return 0  # indexing a tensor: a worker would only add copies
+    return max(1, min(4, cpu_count() // processes))
+
+
+def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Data:
+    """Train and val splits and their loaders; under torchrun each process sees its own shard."""
+    train_dir, val_dir = cfg.data.train_dir, cfg.data.val_dir
+    if train_dir is None:
+        train_dir, val_dir = ensure_digits()
+    size = resolved_image_size(cfg)
+    train_folder = open_folder("data.train_dir", train_dir)
+    val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
+    decode_workers = max(1, cpu_count() // world_size)
+    train = load_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers)
+    val = load_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers)
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError(f"no usable images left in {'data.train_dir' if len(train) == 0 else 'data.val_dir'}")
+
+    # One sampler for one or many processes: shuffles by (seed, epoch), so a resumed run sees the same order.
+    train_sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.trainer.seed)
+    train_workers = loader_workers(cfg.data, train, world_size)
+    train_loader = DataLoader(
+        train, batch_size=cfg.data.batch_size, sampler=train_sampler, num_workers=train_workers,
+        pin_memory=pin_memory, drop_last=len(train) // world_size > cfg.data.batch_size,
+        prefetch_factor=4 if train_workers else None)
+    val_loader = DataLoader(
+        val, batch_size=cfg.data.batch_size, sampler=list(range(rank, len(val), world_size)),
+        num_workers=loader_workers(cfg.data, val, world_size), pin_memory=pin_memory)
+    return Data(list(train_folder.classes), size, train, val, train_loader, val_loader, train_sampler)

@@ -1,0 +1,82 @@
+"""One process or many: torchrun's environment decides; the rest of the code only asks `is_main`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from geektime.config import ConfigError
+
+
+@dataclass
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> a device that exists, or a clear error."""
+    setting = str(setting)
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={setting}: no CUDA GPU is visible to PyTorch on this machine "
+                              f"(torch {torch.__version__}). Use trainer.device=cpu or trainer.device=auto.")
+        index = int(setting.split(":", 1)[1]) if ":" in setting else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"trainer.device={setting}: only {torch.cuda.device_count()} GPU(s) visible "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return torch.device("cuda", index)
+    if setting == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.device=mps: Apple's MPS backend is not available here. Use trainer.device=cpu.")
+        return torch.device("mps")
+    raise ConfigError(f"trainer.device={setting!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+
+
+def setup(device_setting: str) -> Processes:
+    """Join torchrun's process group when launched by it (nccl on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(device=resolve_device(device_setting))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = resolve_device(device_setting, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Processes(rank, world_size, local_rank, local_world_size, device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, processes: Processes):
+    """Rank 0's value on every rank (e.g. the run folder)."""
+    if not processes.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

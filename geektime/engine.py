@@ -1,0 +1,127 @@
+"""One function per phase: `train_one_epoch`, `evaluate`, `predict`.
+
+The hot path never waits on the device: running sums stay on the device and are read only every
+`log_interval` steps, which is also when a non-finite loss is noticed (and named by its step).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: training cannot go on from these weights."""
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.float16) if amp else nullcontext()
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _progress(loader, epoch: int, phase: str, enabled: bool):
+    return tqdm(loader, desc=f"epoch {epoch} {phase}", unit="batch", leave=False, disable=None if enabled else True,
+                dynamic_ncols=True)
+
+
+def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scaler, normalizer, device: torch.device,
+                    epoch: int, amp: bool = False, log_interval: int = 10, show_progress: bool = True) -> dict:
+    """Returns train loss and accuracy over all processes' samples, images/s and seconds."""
+    model.train()
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
+    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    start = time.perf_counter()
+    bar = _progress(loader, epoch, "train", show_progress)
+    for step, (images, targets) in enumerate(bar):
+        images = normalizer(images.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        loss = loss.detach()
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+        totals += torch.stack([loss.double() * targets.numel(),
+                               (logits.argmax(1) == targets).sum().double(),
+                               torch.tensor(targets.numel(), device=device, dtype=torch.float64)])
+        if (step + 1) % log_interval == 0 or step + 1 == len(loader):
+            bad = int(first_bad_step)
+            if bad >= 0:
+                raise NonFiniteLossError(
+                    f"loss became non-finite at epoch {epoch}, step {bad + 1} of {len(loader)}; stopping. "
+                    "The checkpoints already written are intact. Lower optimizer.lr, or check the data.")
+            loss_sum, correct, count = totals.tolist()
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}",
+                            img_s=f"{count / (time.perf_counter() - start):.1f}")
+    seconds = time.perf_counter() - start
+    loss_sum, correct, count = _all_reduce(totals).tolist()
+    return {"train_loss": loss_sum / count, "train_acc": correct / count,
+            "train_images_per_s": count / seconds, "train_seconds": seconds}
+
+
+def confusion_metrics(confusion: torch.Tensor, classes: list[str]) -> dict:
+    """Accuracy and per-class precision/recall from a confusion matrix (rows: truth, columns: prediction)."""
+    confusion = confusion.double()
+    hits = confusion.diag()
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    metrics = {"val_acc": (hits.sum() / confusion.sum()).item()}
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
+    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
+    for i, name in enumerate(classes):
+        metrics[f"{name}_precision"] = precision[i].item()
+        metrics[f"{name}_recall"] = recall[i].item()
+    metrics["macro_precision"] = precision.mean().item()
+    metrics["macro_recall"] = recall.mean().item()
+    return metrics
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, criterion, normalizer, device: torch.device, classes: list[str],
+             epoch: int = 0, amp: bool = False, show_progress: bool = True) -> dict:
+    """Val loss, accuracy, per-class precision/recall and the confusion matrix, over all processes' shards."""
+    model.eval()
+    num_classes = len(classes)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.float64)
+    for images, targets in _progress(loader, epoch, "val", show_progress):
+        images = normalizer(images.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(images)
+        loss_sum += criterion(logits.float(), targets).double() * targets.numel()
+        confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+    _all_reduce(loss_sum)
+    _all_reduce(confusion)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    count = confusion.sum().item()
+    metrics = {"val_loss": loss_sum.item() / count if count else math.nan}
+    metrics.update(confusion_metrics(confusion, classes))
+    metrics["confusion"] = confusion.long().tolist()
+    return metrics
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, normalizer, device: torch.device, batch_size: int,
+            amp: bool = False) -> torch.Tensor:
+    """Softmax probabilities for a uint8 image stack already in memory, in its order."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = normalizer(images[start:start + batch_size].to(device, non_blocking=True))
+        with _autocast(device, amp):
+            out.append(model(batch).float().softmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0)

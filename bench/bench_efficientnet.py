@@ -61,12 +61,14 @@ def child(args) -> None:
 
     for _ in range(args.warmup):
         step()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        t0 = time.perf_counter()
         step()
-    dt = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"ips": args.steps * args.batch_size / dt, "rss_mib": rss_mib}))
+    # Median step time: robust to the odd step stalled by other processes on a shared box.
+    print(json.dumps({"ips": args.batch_size / statistics.median(times), "rss_mib": rss_mib}))
 
 
 def run_child(args, impl: str, channels_last: bool) -> dict:
@@ -107,6 +109,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for label, impl, cl in configs:
             results[label].append(run_child(args, impl, cl))
+            print(f"  {label}: {results[label][-1]['ips']:.2f} images/s", file=sys.stderr, flush=True)
     med = {label: {k: statistics.median(r[k] for r in runs) for k in ("ips", "rss_mib")}
            for label, runs in results.items()}
     base = med[configs[0][0]]

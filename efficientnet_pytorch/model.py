@@ -4,9 +4,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .utils import (Conv2dSame, Swish, check_model_name, drop_connect, get_model_params,
-                    load_pretrained_weights, output_image_size, resolve_weights, round_filters,
-                    round_repeats)
+from .utils import (Conv2dSame, Swish, adapt_stem, check_model_name, drop_connect,
+                    get_model_params, load_pretrained_weights, output_image_size, resolve_weights,
+                    round_filters, round_repeats)
 
 
 class MBConvBlock(nn.Module):
@@ -181,12 +181,11 @@ class EfficientNet(nn.Module):
 
     def _change_in_channels(self, in_channels: int) -> None:
         """Replace the stem for ``in_channels`` inputs, adapting its current weights."""
-        from .utils import adapt_stem
         if in_channels == self._conv_stem.in_channels:
             return
         old = self._conv_stem
         self._conv_stem = Conv2dSame(in_channels, old.out_channels, 3, stride=2,
-                                     image_size=self._global_params.image_size)
+                                     image_size=self._global_params.image_size).to(old.weight)
         with torch.no_grad():
             self._conv_stem.weight.copy_(adapt_stem(old.weight, in_channels))
 

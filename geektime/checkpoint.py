@@ -1,6 +1,7 @@
 """Checkpoints: everything needed to resume or evaluate, written so that a kill never leaves a broken file."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -22,18 +23,45 @@ def epoch_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}.pth"
 
 
+class _RecordingWriter:
+    """A file whose write() keeps its OSError: torch.save turns a failed write (disk full) into a RuntimeError
+    ("unexpected pos ...") that does not say why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temp file in the same folder, fsync, rename: the old file stays whole until the new one is."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise OSError(err.errno, f"could not write checkpoint {path}: {err.strerror or err}. "
                                      "Free disk space or make the run folder writable; "
@@ -89,6 +117,14 @@ def resume_file(resume: Path | str) -> Path:
         raise CheckpointError(f"trainer.resume={resume}: the folder holds no last.pth or epoch_NNN.pth; "
                               "start a new run instead")
     return epochs[-1]
+
+
+def remove_torn_temp_files(run_dir: Path | str) -> list[Path]:
+    """Delete the temp files of saves a kill interrupted (.<name>.pth.XXXX.tmp); they are never checkpoints."""
+    torn = [p for p in Path(run_dir).glob(".*.pth.*.tmp") if p.is_file()]
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
 
 
 def describe(ckpt: dict) -> str:

@@ -34,6 +34,9 @@ def train(cfg: DictConfig) -> float:
         return main(cfg)
     except (ConfigError, CheckpointError, NonFiniteLossError, OSError) as err:
         _report(err)
+    except KeyboardInterrupt:  # the log has said where a resume starts; a traceback would only bury that
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

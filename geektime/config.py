@@ -29,8 +29,20 @@ def find_conf_dir() -> Path:
     )
 
 
+def _launch_rank() -> int:
+    from geektime.distributed import launch_rank  # here: distributed imports this module
+
+    return launch_rank()
+
+
 def _run_dir(resume: Any, fresh_dir: str) -> str:
-    """A resumed run continues in its own folder; any other run gets a fresh one."""
+    """A resumed run continues in its own folder; any other run gets a fresh one.
+
+    Under torchrun only rank 0 gets one: the other ranks' clocks may read another second, so they
+    get "." (nothing to create) and take rank 0's folder when they join its process group.
+    """
+    if _launch_rank() != 0:
+        return "."
     if resume in (None, "", "null"):
         return fresh_dir
     path = Path(str(resume)).expanduser()
@@ -40,6 +52,9 @@ def _run_dir(resume: Any, fresh_dir: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("geektime.run_dir"):
         OmegaConf.register_new_resolver("geektime.run_dir", _run_dir)
+    if not OmegaConf.has_resolver("geektime.rank0"):
+        # ${geektime.rank0:a,b}: a in a single process and on rank 0 of torchrun's processes, b on the others
+        OmegaConf.register_new_resolver("geektime.rank0", lambda main, other=None: main if _launch_rank() == 0 else other)
 
 
 MODEL_NAMES = sorted(p.stem for p in (find_conf_dir() / "model").glob("*.yaml"))

@@ -208,13 +208,14 @@ def _decode_one(job):
 
 
 def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size: tuple[int, int],
-               workers: int | None = None, desc: str = "decoding") -> tuple[torch.Tensor, list[tuple[str, str]]]:
+               workers: int | None = None, desc: str = "decoding",
+               progress: bool = True) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Decode every image once in parallel; returns the uint8 stack (bad ones zeroed) and the bad files."""
     images = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
     bad: list[tuple[str, str]] = []
     workers = workers or cpu_count()
     jobs = [(p, transform, min_size) for p in paths]
-    progress = tqdm(total=len(paths), desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    progress = tqdm(total=len(paths), desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=not progress)
     if workers > 1 and len(paths) > 8:
         pool = multiprocessing.get_context("fork").Pool(workers)
         results = pool.imap(_decode_one, jobs, chunksize=max(1, min(32, len(paths) // (workers * 8))))
@@ -258,20 +259,20 @@ def want_cache(dcfg, count: int, size: tuple[int, int]) -> bool:
 
 
 def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int], train: bool,
-               workers: int | None = None) -> Dataset:
+               workers: int | None = None, progress: bool = True) -> Dataset:
     """A split as a Dataset of (uint8 CHW, target): decoded once when deterministic, else on the fly."""
     transform = build_transform(tcfg, size, train)
     min_size = decode_size(tcfg, size, train)
     paths = [p for p, _ in folder.samples]
     targets = torch.tensor(folder.targets, dtype=torch.long)
     if is_deterministic(tcfg, train) and want_cache(dcfg, len(paths), size):
-        images, bad = decode_all(paths, transform, min_size, size, workers, desc=f"decoding {key}")
+        images, bad = decode_all(paths, transform, min_size, size, workers, desc=f"decoding {key}", progress=progress)
         report_bad(key, bad, dcfg.on_bad_image, folder.root)
         keep = [i for i, p in enumerate(paths) if p not in {b for b, _ in bad}]
         if len(keep) < len(paths):
             images, targets, paths = images[keep], targets[keep], [paths[i] for i in keep]
         return DecodedImages(images, targets, paths)
-    bad = scan_images([Path(p) for p in paths], workers=workers, progress=True)
+    bad = scan_images([Path(p) for p in paths], workers=workers, progress=progress)
     bad = [(str(p), reason) for p, reason in bad]
     report_bad(key, bad, dcfg.on_bad_image, folder.root)
     skip = {p for p, _ in bad}
@@ -306,8 +307,8 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
     train_folder = open_folder("data.train_dir", train_dir)
     val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
     decode_workers = max(1, cpu_count() // world_size)
-    train = load_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers)
-    val = load_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers)
+    train = load_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers, rank == 0)
+    val = load_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers, rank == 0)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"no usable images left in {'data.train_dir' if len(train) == 0 else 'data.val_dir'}")
 

@@ -42,7 +42,11 @@ def checkpoint_files(target: str) -> list[Path]:
     raise ConfigError(f"checkpoint={target}: no such file or run folder")
 
 
-def _same_input(ckpt: dict, first: dict, path: Path) -> None:
+def _same_input(ckpt: dict, first: dict, path: Path, first_path: Path) -> None:
+    if (ckpt.get("config", {}).get("model", {}).get("name") != first["config"]["model"]["name"]
+            or list(ckpt.get("classes", [])) != list(first["classes"])):
+        raise checkpoint.CheckpointError(f"{path} holds {checkpoint.describe(ckpt)}, but {first_path} holds "
+                                         f"{checkpoint.describe(first)}; evaluate them separately")
     for key in ("image_size", "normalization", "transforms"):
         if ckpt.get(key) != first.get(key):
             raise checkpoint.CheckpointError(f"{path}: its {key} {ckpt.get(key)} differs from the first checkpoint's "
@@ -57,7 +61,10 @@ def _images(cfg: DictConfig, first: dict, size: tuple[int, int], tcfg: DictConfi
             raise ConfigError(f"data.test_dir={cfg.data.test_dir}: no images found")
         return paths, np.full(len(paths), -1), str(cfg.data.test_dir)
     val_dir = cfg.data.val_dir or first["config"]["data"].get("val_dir") or ensure_digits()[1]
-    folder = open_folder("data.val_dir", val_dir, first["classes"])
+    try:
+        folder = open_folder("data.val_dir", val_dir, first["classes"])
+    except ConfigError as err:
+        raise ConfigError(f"{err} (the checkpoint holds {checkpoint.describe(first)})") from None
     return [p for p, _ in folder.samples], np.array(folder.targets), str(val_dir)
 
 
@@ -92,8 +99,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
     rows, txts = [], {}
     for path in files:
         ckpt = first if path == files[0] else checkpoint.load(path)
-        checkpoint.check_compatible(ckpt, path, model_cfg.name, classes)
-        _same_input(ckpt, first, path)
+        _same_input(ckpt, first, path, files[0])
         model = build_model(model_cfg, len(classes), size)
         model.load_state_dict(ckpt["model"])
         model.to(device=device, memory_format=torch.channels_last)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -12,6 +13,13 @@ from efficientnet_pytorch import EfficientNet
 from geektime.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def _refused(pretrained, err: Exception) -> ConfigError:
+    first_line = str(err).split("\n")[0]
+    return ConfigError(f"model.pretrained={pretrained}: refused to load: it holds Python objects other than tensors "
+                       "and plain types (torch.load weights_only=True), so it may run code. Use a weights file you "
+                       f"trust. ({first_line})")
 
 
 def _resnet_weights_file(arch: str) -> tuple[str, str]:
@@ -35,7 +43,10 @@ def _load_resnet_weights(arch: str, pretrained) -> dict:
     if not path.is_file():
         raise ConfigError(f"model.pretrained={pretrained}: no such file. Give a path to a .pth state dict, "
                           "or model.pretrained=true for the torch hub cache.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refused(pretrained, err) from None
     return state.get("model", state)  # a geektime checkpoint works too
 
 
@@ -67,6 +78,8 @@ def _build_efficientnet(mcfg, num_classes: int, image_size: tuple[int, int]) -> 
     try:
         return EfficientNet.from_pretrained(mcfg.arch, weights_path=weights_path, num_classes=num_classes,
                                             advprop=mcfg.normalization == "advprop", **overrides)
+    except pickle.UnpicklingError as err:
+        raise _refused(pretrained, err) from None
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(f"model.pretrained={pretrained}: {err}") from None
 

@@ -64,8 +64,11 @@ class SweepSummary(Callback):
     """Hydra callback: after the last job of a multirun, summarize every job, failed ones included."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        # Runs in the launching process: the one `python train.py -m` started, also for joblib and SLURM jobs.
+        from geektime.distributed import launch_rank
+
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
+        if launch_rank() != 0 or not sweep_dir.is_dir():
             return
         rows = write_summary(sweep_dir)
         failed = [r for r in rows if r["status"] != "ok"]

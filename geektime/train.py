@@ -30,6 +30,24 @@ log = logging.getLogger("geektime.train")
 FAILURES = (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, OSError)
 
 
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+def default_threads(local_processes: int) -> int:
+    """Torch threads per process when trainer.threads is null: this machine's cores, shared out.
+
+    Shared by torchrun's processes on this machine, and by the jobs a joblib launcher
+    (hydra/launcher=joblib) runs side by side: hydra.launcher.n_jobs of them (-1: one per core).
+    """
+    cores, parallel = cpu_count(), local_processes
+    if HydraConfig.initialized():
+        launcher = HydraConfig.get().launcher
+        if launcher.get("_target_") == JOBLIB_LAUNCHER:
+            n_jobs = int(launcher.get("n_jobs") or 1)
+            parallel *= n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's meaning of -1, -2, ...
+    return max(1, cores // parallel)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -151,7 +169,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         cfg = config_for_resume(cfg, ckpt)
     validate_train_config(cfg)
     procs = distributed.setup(cfg.trainer.device)
-    torch.set_num_threads(int(cfg.trainer.threads or max(1, cpu_count() // procs.local_world_size)))
+    run_dir = Path(distributed.broadcast_object(str(run_dir), procs))  # every rank: rank 0's run folder
+    torch.set_num_threads(int(cfg.trainer.threads or default_threads(procs.local_world_size)))
     device = procs.device
     amp = bool(cfg.trainer.amp) and device.type == "cuda"
     if cfg.trainer.amp and not amp and procs.is_main:
@@ -181,6 +200,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         start_epoch = ckpt["epoch"]
         if procs.is_main:
             log.info("resuming from %s (epoch %d done) in %s", resume_path, start_epoch, run_dir)
+            if torn := checkpoint.remove_torn_temp_files(run_dir):
+                log.info("removed %d temp file(s) of interrupted checkpoint saves", len(torn))
     if cfg.trainer.sync_bn and procs.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if procs.distributed:
@@ -194,10 +215,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1) if procs.is_main else None
     plain_cfg = to_plain(cfg)
     if procs.is_main:
-        log.info("%s on %s: %d classes %s, %d train / %d val images at %s, %s, batch %d x %d process(es)",
-                 cfg.model.name, device, len(classes), classes if len(classes) <= 10 else f"{classes[:10]}...",
-                 len(data.train), len(data.val), data.image_size, cfg.transforms.name, cfg.data.batch_size,
-                 procs.world_size)
+        log.info("%s on %s: %d classes %s, %d train / %d val images at %s, %s, batch %d x %d process(es), "
+                 "%d thread(s) each", cfg.model.name, device, len(classes),
+                 classes if len(classes) <= 10 else f"{classes[:10]}...", len(data.train), len(data.val),
+                 data.image_size, cfg.transforms.name, cfg.data.batch_size, procs.world_size, torch.get_num_threads())
 
     epoch = start_epoch
     try:
@@ -208,7 +229,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             started = time.perf_counter()
             row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer, device, epoch,
                                   amp=amp, log_interval=cfg.trainer.log_interval, show_progress=procs.is_main)
-            row.update(evaluate(model, data.val_loader, criterion, normalizer, device, classes, epoch, amp,
+            # One set of BatchNorm statistics (rank 0's, the checkpoint's) for every rank's val shard, and the
+            # plain module: DDP's forward would add a collective that val shards of unequal length could hang.
+            distributed.sync_buffers(model, procs)
+            row.update(evaluate(unwrap(model) if procs.distributed else model, data.val_loader, criterion,
+                                normalizer, device, classes, epoch, amp,
                                 show_progress=procs.is_main))
             scheduler.step()
             row.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - started)
@@ -271,7 +296,7 @@ def main(cfg: DictConfig) -> float:
             raise
         log.exception("job %s failed", hydra_cfg.job.num)
         result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+    if distributed.launch_rank() == 0:  # under torchrun only rank 0 writes
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["status"] == "ok" and result.get("value") is not None:
         log.info("best epoch %s: %s = %.4f  (run folder: %s)", result["best_epoch"], result["sweep_metric"],

@@ -58,3 +58,11 @@ TINY = ["model=resnet18", "data.image_size=[32,32]", "data.batch_size=4", "train
 def train_tiny(run_dir: Path, train_dir: Path, val_dir: Path, *extra: str, check: bool = True):
     return run_script("train.py", *TINY, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
                       f"hydra.run.dir={run_dir}", *extra, check=check)
+
+
+def start_script(script: str, *args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `python <script> args...` from the repo in the background, stdout and stderr into `log`."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, env=full_env)

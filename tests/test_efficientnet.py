@@ -58,6 +58,7 @@ _REFERENCE_CHILD = textwrap.dedent("""
     target, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     sys.path.insert(0, target)
     import torch
+    torch.set_num_threads(1)
     import efficientnet_pytorch
     assert efficientnet_pytorch.__file__.startswith(target), efficientnet_pytorch.__file__
     from efficientnet_pytorch import EfficientNet

@@ -86,3 +86,20 @@ def test_bad_values_name_the_key(tmp_path, folders, override, key):
     proc = train_tiny(tmp_path / "run", *folders, override, check=False)
     assert proc.returncode == 2
     assert key in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_job_sweep_writes_both_runs_and_a_summary(tmp_path, folders):
+    train_dir, val_dir = folders
+    sweep = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", "model=resnet18", "data.image_size=[32,32]", "data.batch_size=4",
+                      "trainer.threads=1", "trainer.epochs=1", f"data.train_dir={train_dir}",
+                      f"data.val_dir={val_dir}", "optimizer.lr=0.01,-1", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
+    assert "optimizer.lr=0.01" in jobs[0].name and "optimizer.lr=-1" in jobs[1].name
+    assert (jobs[0] / "epoch_001.pth").is_file()
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed")]
+    assert "optimizer.lr" in rows[1]["error"] and rows[0]["best_epoch"] == "1"
+    assert "| 0 |" in proc.stdout and "| ok |" in proc.stdout and "| failed |" in proc.stdout
+    assert (sweep / "summary.md").read_text().count("\n") == 4

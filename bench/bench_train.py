@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Training and evaluation throughput, side by side, measured in one run (issue: performance).
+
+Each measurement runs in its own child process, so peak RSS is per measurement:
+
+1. compute   forward+backward+SGD on tensors already in memory (our model, our layout): the limit;
+2. ours      geektime's own data path and `train_one_epoch` on real photos, E epochs, the
+             one-time decode included; images/s and the ratio to (1);
+3. course    the course-style loop: ImageFolder + PIL Resize to the tuple + ToTensor/Normalize +
+             DataLoader, the published efficientnet_pytorch 0.7.1 (or torchvision's ResNet),
+             `loss.item()` every step; our ratio over it, and both val accuracies after E epochs;
+4. evaluate  `evaluate.py`'s path over a run dir of K checkpoints, against decode once +
+             K x inference on tensors in memory.
+
+    python bench/bench_train.py [--model efficientnet_b0] [--data ../shared/datasets/doraemon_walle | digits]
+        [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--checkpoints 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_efficientnet import install_published  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "doraemon_walle"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def geektime_cfg(args, train_dir, val_dir):
+    """The config train.py would compose, built from the same YAML files (no Hydra run dir needed)."""
+    from omegaconf import OmegaConf
+
+    from geektime.config import find_conf_dir
+
+    conf = find_conf_dir()
+
+    def load(group: str, name: str):
+        return OmegaConf.load(conf / group / f"{name}.yaml")
+
+    cfg = OmegaConf.create({
+        "model": load("model", args.model), "data": load("data", "default"), "transforms": load("transforms", "resize"),
+        "optimizer": load("optimizer", "sgd"), "scheduler": {"name": "none"}, "trainer": load("trainer", "default"),
+        "sweep_metric": "val_acc",
+    })
+    cfg.data.train_dir, cfg.data.val_dir = train_dir, val_dir
+    cfg.data.image_size = [args.image_size, args.image_size]
+    cfg.data.batch_size = args.batch_size
+    cfg.trainer.threads = args.threads
+    return cfg
+
+
+def data_dirs(args) -> tuple[str | None, str | None]:
+    if args.data == "digits":
+        return None, None
+    root = Path(args.data)
+    val = root / "valid" if (root / "valid").is_dir() else root / "val"
+    return str(root / "train"), str(val)
+
+
+# ---------------------------------------------------------------- children
+
+def child_compute(args) -> dict:
+    import torch
+    from geektime.data import InputNormalizer
+    from geektime.models import build_model
+    from geektime.train import build_optimizer
+
+    cfg = geektime_cfg(args, None, None)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size = (args.image_size, args.image_size)
+    model = build_model(cfg.model, 2, size).to(memory_format=torch.channels_last).train()
+    optimizer = build_optimizer(cfg.optimizer, model)
+    normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last=True)
+    images = torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8)
+    targets = torch.randint(0, 2, (args.batch_size,))
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step():
+        loss = criterion(model(normalizer(images)), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - started
+    return {"images_per_s": args.steps * args.batch_size / seconds}
+
+
+def child_ours(args) -> dict:
+    import torch
+    from geektime.data import InputNormalizer, build_data
+    from geektime.engine import evaluate, train_one_epoch
+    from geektime.models import build_model
+    from geektime.train import build_optimizer, seed_everything
+
+    train_dir, val_dir = data_dirs(args)
+    cfg = geektime_cfg(args, train_dir, val_dir)
+    torch.set_num_threads(args.threads)
+    seed_everything(0)
+    started = time.perf_counter()
+    data = build_data(cfg)
+    decode_seconds = time.perf_counter() - started
+    model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), True)
+    criterion = torch.nn.CrossEntropyLoss()
+    epoch_rates, images = [], 0
+    for epoch in range(1, args.epochs + 1):
+        data.train_sampler.set_epoch(epoch)
+        row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer,
+                              torch.device("cpu"), epoch, show_progress=False)
+        epoch_rates.append(row["train_images_per_s"])
+        images += len(data.train_loader) * args.batch_size
+    train_seconds = time.perf_counter() - started
+    val = evaluate(model, data.val_loader, criterion, normalizer, torch.device("cpu"), data.classes,
+                   show_progress=False)
+    return {"images_per_s": images / train_seconds, "epoch_images_per_s": epoch_rates,
+            "decode_seconds": decode_seconds, "val_acc": val["val_acc"]}
+
+
+def child_course(args) -> dict:
+    """The course's loop, as a user would have written it before geektime."""
+    import torch
+    from torchvision import datasets, transforms
+
+    if args.model.startswith("efficientnet"):
+        sys.path.insert(0, install_published(str(Path(tempfile.gettempdir()) / "geektime-bench-published")))
+        from efficientnet_pytorch import EfficientNet
+        make_model = lambda n: EfficientNet.from_name(args.model.replace("_", "-"), num_classes=n)  # noqa: E731
+    else:
+        import torchvision
+        make_model = lambda n: getattr(torchvision.models, args.model)(num_classes=n)  # noqa: E731
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    train_dir, val_dir = data_dirs(args)
+    if train_dir is None:
+        from geektime.data import ensure_digits
+        train_dir, val_dir = map(str, ensure_digits())
+    tf = transforms.Compose([transforms.Resize((args.image_size, args.image_size)), transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    train_set, val_set = datasets.ImageFolder(train_dir, tf), datasets.ImageFolder(val_dir, tf)
+    workers = args.threads
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True)
+    model = make_model(len(train_set.classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    started, images = time.perf_counter(), 0
+    for _ in range(args.epochs):
+        model.train()
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            running = loss.item()  # noqa: F841  (the course logged every step)
+            images += len(y)
+    seconds = time.perf_counter() - started
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=workers):
+            correct += (model(x).argmax(1) == y).sum().item()
+    return {"images_per_s": images / seconds, "val_acc": correct / len(val_set)}
+
+
+def child_evaluate(args) -> dict:
+    """evaluate.py's own path over K checkpoints vs decode once + K x inference in memory."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from geektime import checkpoint
+    from geektime.config import find_conf_dir, to_plain
+    from geektime.data import InputNormalizer, build_transform, decode_all, decode_size, ensure_digits, open_folder
+    from geektime.engine import predict
+    from geektime.evaluate import evaluate_checkpoints
+    from geektime.models import build_model
+
+    train_dir, val_dir = data_dirs(args)
+    if val_dir is None:
+        val_dir = str(ensure_digits()[1])
+    cfg = geektime_cfg(args, train_dir, val_dir)
+    torch.set_num_threads(args.threads)
+    size = (args.image_size, args.image_size)
+    folder = open_folder("data.val_dir", val_dir)
+    model = build_model(cfg.model, len(folder.classes), size)
+    run = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    plain = to_plain(cfg)
+    for epoch in range(1, args.checkpoints + 1):
+        checkpoint.save_atomic({"format_version": 1, "model": model.state_dict(), "epoch": epoch,
+                                "classes": folder.classes, "image_size": list(size), "normalization": "imagenet",
+                                "transforms": plain["transforms"], "config": plain}, run / f"epoch_{epoch:03d}.pth")
+    eval_cfg = OmegaConf.load(find_conf_dir() / "evaluate.yaml")
+    del eval_cfg["defaults"], eval_cfg["hydra"]
+    eval_cfg.checkpoint, eval_cfg.data.val_dir, eval_cfg.trainer.threads = str(run), val_dir, args.threads
+    eval_cfg.data.batch_size = args.batch_size
+    started = time.perf_counter()
+    evaluate_checkpoints(eval_cfg)
+    tool_seconds = time.perf_counter() - started
+
+    # The limit: decode once, then K forward passes over tensors in memory (no files, no models rebuilt).
+    started = time.perf_counter()
+    paths = [p for p, _ in folder.samples]
+    tcfg = cfg.transforms
+    images, _ = decode_all(paths, build_transform(tcfg, size, False), decode_size(tcfg, size, False), size)
+    decode_seconds = time.perf_counter() - started
+    model.to(memory_format=torch.channels_last)
+    normalizer = InputNormalizer("imagenet", torch.device("cpu"), True)
+    started = time.perf_counter()
+    for _ in range(args.checkpoints):
+        predict(model, images, normalizer, torch.device("cpu"), args.batch_size)
+    infer_seconds = time.perf_counter() - started
+    n = len(paths) * args.checkpoints
+    return {"images_per_s": n / tool_seconds, "limit_images_per_s": n / (decode_seconds + infer_seconds),
+            "ratio_to_limit": tool_seconds / (decode_seconds + infer_seconds), "decode_seconds": decode_seconds}
+
+
+CHILDREN = {"compute": child_compute, "ours": child_ours, "course": child_course, "evaluate": child_evaluate}
+
+
+def run_child(name: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", name, *argv], capture_output=True, text=True,
+                         cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"child {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_b0", help="a conf/model name")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="an ImageFolder root with train/ and valid/, or 'digits'")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the compute-only limit")
+    parser.add_argument("--checkpoints", type=int, default=10, help="K for the evaluation benchmark")
+    parser.add_argument("--only", nargs="*", choices=list(CHILDREN), default=list(CHILDREN))
+    parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = CHILDREN[args.child](args)
+        result["peak_rss_mib"] = peak_rss_mib()
+        print(json.dumps(result))
+        return
+    if args.data != "digits" and not Path(args.data).is_dir():
+        raise SystemExit(f"--data {args.data}: no such folder (give an ImageFolder root or 'digits')")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    import torch
+
+    print(f"{args.model} {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads, "
+          f"{args.epochs} epochs, data {args.data}; torch {torch.__version__}, {os.cpu_count()} cores")
+    results = {}
+    for name in args.only:
+        results[name] = run_child(name, [a for a in argv if a not in args.only])
+        print(f"  {name:9s} {json.dumps(results[name])}", flush=True)
+    print("\n| measurement | images/s | ratio | peak RSS MiB |\n|---|---|---|---|")
+    limit = results.get("compute", {}).get("images_per_s")
+    for name, r in results.items():
+        if name == "ours" and limit:
+            ratio = f"{r['images_per_s'] / limit:.2f} of compute-only"
+        elif name == "course" and "ours" in results:
+            ratio = f"ours / course = {results['ours']['images_per_s'] / r['images_per_s']:.2f}"
+        elif name == "evaluate":
+            ratio = f"{r['ratio_to_limit']:.2f} x (decode once + K x inference)"
+        else:
+            ratio = "limit"
+        print(f"| {name} | {r['images_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} |")
+    if "ours" in results and "course" in results:
+        print(f"\nval accuracy after {args.epochs} epochs: ours {results['ours']['val_acc']:.3f}, "
+              f"course {results['course']['val_acc']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

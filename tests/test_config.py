@@ -1,0 +1,101 @@
+"""Every config composes and builds; transforms do what their names say."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from geektime.config import MODEL_NAMES, ConfigError, find_conf_dir, register_resolvers, validate_train_config
+from geektime.data import InputNormalizer, Letterbox, build_transform
+from geektime.models import build_model
+
+register_resolvers()
+NATIVE = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380, "b5": 456, "b6": 528, "b7": 600}
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_model_group_lists_every_architecture():
+    assert MODEL_NAMES == sorted([f"efficientnet_b{i}" for i in range(8)] +
+                                 [f"resnet{n}" for n in (18, 34, 50, 101, 152)])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_config_composes_builds_and_runs(name):
+    cfg = compose_train(f"model={name}")
+    validate_train_config(cfg)
+    if name.startswith("efficientnet"):
+        assert cfg.model.image_size == [NATIVE[name[-2:]]] * 2
+    model = build_model(cfg.model, num_classes=3, image_size=(64, 64)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+def test_every_experiment_composes():
+    for path in sorted((find_conf_dir() / "experiment").glob("*.yaml")):
+        cfg = compose_train(f"experiment={path.stem}")
+        assert cfg.trainer.epochs >= 1
+
+
+def test_validation_names_the_key_and_choices():
+    cfg = compose_train()
+    cfg.transforms.name = "stretch"
+    with pytest.raises(ConfigError, match=r"transforms.name='stretch' is not one of: resize, letterbox, center_crop"):
+        validate_train_config(cfg)
+    cfg = compose_train("data.batch_size=0")
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        validate_train_config(cfg)
+
+
+def _content_box(img: Image.Image, fill) -> tuple[int, int, int, int]:
+    """Bounding box (left, top, right, bottom) of the pixels that are not the padding colour."""
+    a = np.asarray(img).astype(int)
+    mask = np.abs(a - np.array(fill)).sum(2) > 30
+    ys, xs = np.nonzero(mask)
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_letterbox_keeps_proportions_of_a_wide_image():
+    wide = Image.new("RGB", (400, 200), (250, 250, 250))  # 2:1, all content
+    out = Letterbox((100, 100), fill=(0, 0, 0))(wide)
+    assert out.size == (100, 100)
+    left, top, right, bottom = _content_box(out, (0, 0, 0))
+    assert (right - left, bottom - top) == (100, 50)  # still 2:1, centred
+    assert top == 25
+
+
+def test_resize_keeps_everything_and_center_crop_cuts_the_sides():
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, :20] = 255  # a white stripe at the left edge
+    img = Image.fromarray(wide)
+    base = compose_train().transforms
+    resized = build_transform(base, (64, 64), train=False)(img)
+    assert resized.shape == (3, 64, 64) and resized.dtype == torch.uint8
+    assert resized[:, :, :2].float().mean() > 200  # the stripe survives a straight resize
+    base.name = "center_crop"
+    cropped = build_transform(base, (64, 64), train=False)(img)
+    assert cropped.shape == (3, 64, 64) and cropped[:, :, :2].float().mean() < 10  # and is cut by a centre crop
+
+
+def test_augmentation_only_when_training_and_enabled():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 80, 3), dtype=np.uint8))
+    tcfg = compose_train("transforms.augment.enabled=true").transforms
+    torch.manual_seed(0)
+    outs = {tuple(build_transform(tcfg, (32, 32), train=True)(img).flatten()[:50].tolist()) for _ in range(5)}
+    assert len(outs) > 1
+    evals = {tuple(build_transform(tcfg, (32, 32), train=False)(img).flatten().tolist()) for _ in range(3)}
+    assert len(evals) == 1
+
+
+def test_normalization_follows_the_model():
+    batch = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
+    advprop = InputNormalizer("advprop", torch.device("cpu"), False)(batch)
+    torch.testing.assert_close(advprop[0, :, 0], torch.tensor([[-1.0, 1.0]] * 3))
+    imagenet = InputNormalizer("imagenet", torch.device("cpu"), False)(batch)
+    torch.testing.assert_close(imagenet[0, 0, 0, 0], torch.tensor((0 - 0.485) / 0.229))

@@ -5,6 +5,7 @@ one clear message and exit code 2 instead of a traceback.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -17,6 +18,9 @@ from geektime.engine import NonFiniteLossError
 
 register_resolvers()
 CONF_DIR = str(find_conf_dir())
+# The many objects torch and Hydra create at import live for the whole process: keep them out of
+# every garbage collection (shorter pauses, no sweep over them at exit, less copy-on-write in workers).
+gc.freeze()
 log = logging.getLogger("geektime")
 
 

@@ -5,7 +5,6 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import time
 import traceback

@@ -5,7 +5,9 @@ import contextlib
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -39,6 +41,22 @@ class _RecordingWriter:
 
     def flush(self) -> None:
         self.f.flush()
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Let a Ctrl-C that lands during a checkpoint write take effect once the write is done, not tear it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def save_atomic(obj: dict, path: Path) -> None:

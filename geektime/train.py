@@ -219,7 +219,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  classes if len(classes) <= 10 else f"{classes[:10]}...", len(data.train), len(data.val),
                  data.image_size, cfg.transforms.name, cfg.data.batch_size, procs.world_size, torch.get_num_threads())
 
-    epoch = start_epoch
+    epoch = saved = start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
             torch.manual_seed(cfg.trainer.seed + epoch)  # augmentation, dropout: same per epoch after a resume
@@ -258,12 +258,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 "config": plain_cfg,
                 "metrics": row,
             }
-            save_checkpoints(run_dir, state, epoch, cfg.trainer.epochs, cfg.trainer.save_interval)
+            with checkpoint.interrupts_deferred():
+                save_checkpoints(run_dir, state, epoch, cfg.trainer.epochs, cfg.trainer.save_interval)
+                saved = epoch
     except KeyboardInterrupt:
         if procs.is_main:
-            log.warning("interrupted during epoch %d: its progress is not saved. Checkpoints up to epoch %d are in %s; "
+            lost = f"during epoch {epoch}: its progress is not saved" if epoch > saved else f"after saving epoch {saved}"
+            log.warning("interrupted %s. Checkpoints up to epoch %d are in %s; "
                         "`python train.py trainer.resume=%s` starts again at epoch %d.",
-                        epoch, epoch - 1, run_dir, run_dir, epoch)
+                        lost, saved, run_dir, run_dir, saved + 1)
         raise
     finally:
         if writer is not None:

@@ -694,3 +694,17 @@ def test_save_atomic_on_a_full_or_read_only_disk_keeps_the_previous_checkpoint(t
     assert sha(tmp_path / "epoch_001.pth") == before and checkpoint.load(tmp_path / "epoch_001.pth")["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["epoch_001.pth"]  # no temp file left, no half-written epoch_002
     COUNTS["checkpoints verified"] += 1
+
+
+def test_ctrl_c_during_a_checkpoint_write_lets_the_write_finish(tmp_path):
+    """The interrupt is held until the file is whole, then raised: no torn checkpoint, no lost epoch."""
+    from geektime.checkpoint import interrupts_deferred, load, save_atomic
+
+    target = tmp_path / "epoch_001.pth"
+    state = {"format_version": 1, "model": {"w": torch.arange(1000.0)}, "epoch": 1}
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            save_atomic(state, target)
+    assert load(target)["epoch"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -112,15 +112,18 @@ def main() -> None:
             print(f"  {label}: {results[label][-1]['ips']:.2f} images/s", file=sys.stderr, flush=True)
     med = {label: {k: statistics.median(r[k] for r in runs) for k in ("ips", "rss_mib")}
            for label, runs in results.items()}
-    base = med[configs[0][0]]
+    base_runs = results[configs[0][0]]
+    for label, runs in results.items():  # ratios of back-to-back runs: they saw the same load
+        for k in ("ips", "rss_mib"):
+            med[label][k + "_ratio"] = statistics.median(r[k] / b[k] for r, b in zip(runs, base_runs))
     print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{args.threads} threads, {args.steps} steps, median of {args.repeats} run(s); "
-          f"train step = forward + backward + SGD")
+          f"train step = forward + backward + SGD; ratios = median of per-repeat ratios")
     print(f"| {'model':<24} | {'images/s':>8} | {'speed ratio':>11} | {'peak RSS MiB':>12} | {'RSS ratio':>9} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 13}|{'-' * 14}|{'-' * 11}|")
     for label, m in med.items():
-        print(f"| {label:<24} | {m['ips']:8.2f} | {m['ips'] / base['ips']:10.2f}x | "
-              f"{m['rss_mib']:12.0f} | {m['rss_mib'] / base['rss_mib']:8.2f}x |")
+        print(f"| {label:<24} | {m['ips']:8.2f} | {m['ips_ratio']:10.2f}x | "
+              f"{m['rss_mib']:12.0f} | {m['rss_mib_ratio']:8.2f}x |")
 
 
 if __name__ == "__main__":

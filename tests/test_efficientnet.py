@@ -21,7 +21,6 @@ from efficientnet_pytorch import model as model_module
 from efficientnet_pytorch import utils as utils_module
 from efficientnet_pytorch.utils import Conv2dSame, get_model_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B0_TO_B7 = [f"efficientnet-b{i}" for i in range(8)]
 
 # Facts from the published implementation (1000 classes).
@@ -410,7 +409,7 @@ def test_docstring_example_runs():
 
 
 def test_package_is_ours_and_does_not_need_published():
-    assert os.path.dirname(efficientnet_pytorch.__file__) == os.path.join(REPO, "efficientnet_pytorch")
+    assert efficientnet_pytorch.__version__.endswith("+geektime")  # ours, not the PyPI package
     blocks_args, gp = get_model_params("efficientnet-b0")
     assert len(blocks_args) == 7 and gp.batch_norm_momentum == 0.99 and gp.batch_norm_epsilon == 1e-3
 
@@ -460,7 +459,7 @@ def test_torch_compile_b0_fullgraph(b0_small):
 
 
 @pytest.mark.skipif(os.environ.get("EFFICIENTNET_TEST_INDUCTOR") != "1",
-                    reason="default torch.compile (inductor C++ codegen) of b0 takes ~85 s on 2 CPU cores; "
+                    reason="default torch.compile (inductor C++ codegen) of b0 takes 60-85 s on 2 CPU cores; "
                            "set EFFICIENTNET_TEST_INDUCTOR=1 to run")
 def test_torch_compile_b0_default_inductor(b0_small):
     model, x = b0_small

@@ -268,7 +268,8 @@ def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int],
     if is_deterministic(tcfg, train) and want_cache(dcfg, len(paths), size):
         images, bad = decode_all(paths, transform, min_size, size, workers, desc=f"decoding {key}", progress=progress)
         report_bad(key, bad, dcfg.on_bad_image, folder.root)
-        keep = [i for i, p in enumerate(paths) if p not in {b for b, _ in bad}]
+        unusable = {b for b, _ in bad}
+        keep = [i for i, p in enumerate(paths) if p not in unusable]
         if len(keep) < len(paths):
             images, targets, paths = images[keep], targets[keep], [paths[i] for i in keep]
         return DecodedImages(images, targets, paths)

@@ -88,7 +88,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
                              desc=f"decoding {source}")
     report_bad("data.test_dir" if not labeled else "data.val_dir", bad, cfg.data.on_bad_image, source)
     if bad:
-        keep = np.array([p not in {b for b, _ in bad} for p in paths])
+        unusable = {b for b, _ in bad}
+        keep = np.array([p not in unusable for p in paths])
         images, targets = images[torch.from_numpy(keep)], targets[keep]
         paths = [p for p, k in zip(paths, keep) if k]
     log.info("%d %s images from %s at %s (%s); %d checkpoint(s) of %s", len(paths), "val" if labeled else "unlabeled",

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """CPU training-step benchmark: our ``efficientnet_pytorch`` vs the published 0.7.1.
 
-Each measurement runs in its own child process (so peak RSS is per model, and the two
-packages, which share a name, never meet). The published package is installed once with
-``pip install --no-deps --target`` into a cache directory and put first on the child's
-``sys.path``.
+The published package is installed once with ``pip install --no-deps --target`` into a
+cache directory. Each model lives in its own child process (the two packages share a
+name, and peak RSS must be per model). The parent drives the children in lockstep, one
+training step at a time, so only one model computes at any moment and both see the same
+background load; the speed ratio is the median over rounds of the per-round ratio.
 
     python bench/bench_efficientnet.py [--model efficientnet-b0] [--batch-size 16]
-        [--image-size 224] [--threads 2] [--steps 8] [--repeats 1] [--nchw]
+        [--image-size 224] [--threads 2] [--steps 10] [--warmup 2] [--nchw]
 """
 import argparse
 import json
@@ -23,26 +24,24 @@ PUBLISHED = "efficientnet_pytorch==0.7.1"
 
 def install_published(target: str) -> str:
     """pip-install the published package into ``target`` once; return ``target``."""
-    marker = os.path.join(target, "efficientnet_pytorch", "model.py")
-    if not os.path.exists(marker):
+    if not os.path.exists(os.path.join(target, "efficientnet_pytorch", "model.py")):
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                         "--disable-pip-version-check", "--target", target, PUBLISHED], check=True)
     return target
 
 
 def child(args) -> None:
-    """Time forward+backward+SGD steps and print one JSON line."""
+    """Build the model, then run one train step per ``step`` line on stdin."""
     import resource
     import time
 
-    sys.path.insert(0, args.published_dir if args.impl == "published" else REPO)
+    root = args.published_dir if args.child == "published" else REPO
+    sys.path.insert(0, root)
     import torch
     import efficientnet_pytorch
     from efficientnet_pytorch import EfficientNet
 
-    expected = args.published_dir if args.impl == "published" else REPO
-    assert os.path.abspath(efficientnet_pytorch.__file__).startswith(os.path.abspath(expected)), \
-        efficientnet_pytorch.__file__
+    assert os.path.abspath(efficientnet_pytorch.__file__).startswith(os.path.abspath(root))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = EfficientNet.from_name(args.model, image_size=args.image_size).train()
@@ -52,33 +51,17 @@ def child(args) -> None:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        print(time.perf_counter() - t0, flush=True)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    # Median step time: robust to the odd step stalled by other processes on a shared box.
-    print(json.dumps({"ips": args.batch_size / statistics.median(times), "rss_mib": rss_mib}))
-
-
-def run_child(args, impl: str, channels_last: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl,
-           "--published-dir", args.published_dir, "--model", args.model,
-           "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-           "--threads", str(args.threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--channels-last"] if channels_last else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps({"rss_mib": rss_mib}), flush=True)
 
 
 def main() -> None:
@@ -87,9 +70,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="alternate the runs this often; report medians")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     p.add_argument("--nchw", action="store_true", help="also measure ours in NCHW layout")
     p.add_argument("--published-dir", default=os.path.join(tempfile.gettempdir(), "geektime-bench",
                                                           PUBLISHED.replace("==", "-")))
@@ -97,33 +79,47 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        args.impl = args.child
         return child(args)
 
     install_published(args.published_dir)
-    # Published: its defaults (NCHW). Ours: how geektime trains, channels_last.
+    # Published: its defaults (NCHW). Ours: the way geektime trains, channels_last.
     configs = [("published 0.7.1 (NCHW)", "published", False), ("ours (channels_last)", "ours", True)]
     if args.nchw:
         configs.append(("ours (NCHW)", "ours", False))
-    results = {label: [] for label, _, _ in configs}
-    for _ in range(args.repeats):
-        for label, impl, cl in configs:
-            results[label].append(run_child(args, impl, cl))
-            print(f"  {label}: {results[label][-1]['ips']:.2f} images/s", file=sys.stderr, flush=True)
-    med = {label: {k: statistics.median(r[k] for r in runs) for k in ("ips", "rss_mib")}
-           for label, runs in results.items()}
-    base_runs = results[configs[0][0]]
-    for label, runs in results.items():  # ratios of back-to-back runs: they saw the same load
-        for k in ("ips", "rss_mib"):
-            med[label][k + "_ratio"] = statistics.median(r[k] / b[k] for r, b in zip(runs, base_runs))
-    print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
-          f"{args.threads} threads, {args.steps} steps, median of {args.repeats} run(s); "
-          f"train step = forward + backward + SGD; ratios = median of per-repeat ratios")
+    common = ["--published-dir", args.published_dir, "--model", args.model, "--batch-size",
+              str(args.batch_size), "--image-size", str(args.image_size), "--threads", str(args.threads)]
+    procs = {}
+    for label, impl, cl in configs:  # started one at a time so that setups do not overlap
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", impl] + common
+        proc = subprocess.Popen(cmd + (["--channels-last"] if cl else []), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, bufsize=1, cwd=tempfile.gettempdir())
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{label} child failed to start")
+        procs[label] = proc
+
+    times = {label: [] for label in procs}
+    for i in range(args.warmup + args.steps):
+        for label, proc in procs.items():
+            proc.stdin.write("step\n")
+            t = float(proc.stdout.readline())
+            if i >= args.warmup:
+                times[label].append(t)
+    rss = {}
+    for label, proc in procs.items():
+        proc.stdin.close()
+        rss[label] = json.loads(proc.stdout.readline())["rss_mib"]
+        proc.wait()
+
+    base = configs[0][0]
+    print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads; "
+          f"train step = forward + backward + SGD; {args.steps} timed steps each, interleaved; "
+          f"images/s from the median step, speed ratio = median of per-round ratios")
     print(f"| {'model':<24} | {'images/s':>8} | {'speed ratio':>11} | {'peak RSS MiB':>12} | {'RSS ratio':>9} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 13}|{'-' * 14}|{'-' * 11}|")
-    for label, m in med.items():
-        print(f"| {label:<24} | {m['ips']:8.2f} | {m['ips_ratio']:10.2f}x | "
-              f"{m['rss_mib']:12.0f} | {m['rss_mib_ratio']:8.2f}x |")
+    for label in procs:
+        ips = args.batch_size / statistics.median(times[label])
+        ratio = statistics.median(b / t for b, t in zip(times[base], times[label]))
+        print(f"| {label:<24} | {ips:8.2f} | {ratio:10.2f}x | {rss[label]:12.0f} | {rss[label] / rss[base]:8.2f}x |")
 
 
 if __name__ == "__main__":

@@ -288,16 +288,13 @@ def main(cfg: DictConfig) -> float:
     result = {"overrides": list(hydra_cfg.overrides.task), "status": "ok"}
     try:
         result.update(train(cfg, run_dir))
-    except FAILURES as err:
+    except Exception as err:  # in a sweep every failure is recorded, foreseen or not, and the other jobs go on
         if not multirun:
             raise
-        log.error("job %s failed: %s", hydra_cfg.job.num, err)
-        result.update(status="failed", error=str(err), traceback=traceback.format_exc())
-    except Exception as err:  # a sweep reports every failure, including ones we did not foresee
-        if not multirun:
-            raise
-        log.exception("job %s failed", hydra_cfg.job.num)
-        result.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        known = isinstance(err, FAILURES)
+        (log.error if known else log.exception)("job %s failed: %s", hydra_cfg.job.num, err)
+        result.update(status="failed", error=str(err) if known else f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc())
     if distributed.launch_rank() == 0:  # under torchrun only rank 0 writes
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["status"] == "ok" and result.get("value") is not None:

@@ -5,15 +5,17 @@ Each measurement runs in its own child process, so peak RSS is per measurement:
 
 1. compute   forward+backward+SGD on tensors already in memory (our model, our layout): the limit;
 2. ours      geektime's own data path and `train_one_epoch` on real photos, E epochs, the
-             one-time decode included; images/s and the ratio to (1);
+             one-time decode included; images/s and the ratio to the limit, which this child
+             re-measures between its epochs (a copy of the model on one in-memory batch), so
+             that the ratio is not at the mercy of the machine's load drifting between children;
 3. course    the course-style loop: ImageFolder + PIL Resize to the tuple + ToTensor/Normalize +
              DataLoader, the published efficientnet_pytorch 0.7.1 (or torchvision's ResNet),
              `loss.item()` every step; our ratio over it, and both val accuracies after E epochs;
 4. evaluate  `evaluate.py`'s path over a run dir of K checkpoints, against decode once +
              K x inference on tensors in memory.
 
-    python bench/bench_train.py [--model efficientnet_b0] [--data ../shared/datasets/doraemon_walle | digits]
-        [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--checkpoints 10]
+    python bench/bench_train.py [--model efficientnet_b0 resnet18] [--data ../shared/datasets/doraemon_walle | digits]
+        [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--checkpoints 10] [--repeat 1]
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]  # runs from a checkout, installed or not
 from bench_efficientnet import install_published  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "doraemon_walle"
@@ -69,6 +72,15 @@ def data_dirs(args) -> tuple[str | None, str | None]:
     return str(root / "train"), str(val)
 
 
+def layout(cfg, size) -> tuple:
+    """(memory format, channels_last) as train.py resolves trainer.channels_last on this CPU."""
+    import torch
+    from geektime.models import channels_last_pays
+
+    cl = channels_last_pays(cfg.trainer.channels_last, cfg.model.family, tuple(size), torch.device("cpu"))
+    return (torch.channels_last if cl else torch.contiguous_format), cl
+
+
 # ---------------------------------------------------------------- children
 
 def child_compute(args) -> dict:
@@ -81,9 +93,10 @@ def child_compute(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = (args.image_size, args.image_size)
-    model = build_model(cfg.model, 2, size).to(memory_format=torch.channels_last).train()
+    memory_format, channels_last = layout(cfg, size)
+    model = build_model(cfg.model, 2, size).to(memory_format=memory_format).train()
     optimizer = build_optimizer(cfg.optimizer, model)
-    normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last=True)
+    normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     images = torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8)
     targets = torch.randint(0, 2, (args.batch_size,))
     criterion = torch.nn.CrossEntropyLoss()
@@ -104,6 +117,10 @@ def child_compute(args) -> dict:
 
 
 def child_ours(args) -> dict:
+    """train.py's data path and loop; the compute-only limit is re-measured in this process between
+    epochs (on a copy of the model, same batch) so that both see the same background load."""
+    import copy
+
     import torch
     from geektime.data import InputNormalizer, build_data
     from geektime.engine import evaluate, train_one_epoch
@@ -117,22 +134,42 @@ def child_ours(args) -> dict:
     started = time.perf_counter()
     data = build_data(cfg)
     decode_seconds = time.perf_counter() - started
-    model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=torch.channels_last)
+    memory_format, channels_last = layout(cfg, data.image_size)
+    model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=memory_format)
     optimizer = build_optimizer(cfg.optimizer, model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), True)
+    normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
     criterion = torch.nn.CrossEntropyLoss()
+
+    limit_model = copy.deepcopy(model).train()
+    limit_optimizer = build_optimizer(cfg.optimizer, limit_model)
+    limit_images, limit_targets = next(iter(data.train_loader))
+
+    def limit_step():
+        loss = criterion(limit_model(normalizer(limit_images)), limit_targets)
+        limit_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        limit_optimizer.step()
+
+    for _ in range(2):
+        limit_step()
+    loop_seconds = limit_seconds = 0.0
     epoch_rates, images = [], 0
     for epoch in range(1, args.epochs + 1):
         data.train_sampler.set_epoch(epoch)
         row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer,
                               torch.device("cpu"), epoch, show_progress=False)
         epoch_rates.append(row["train_images_per_s"])
+        loop_seconds += row["train_seconds"]
         images += len(data.train_loader) * args.batch_size
-    train_seconds = time.perf_counter() - started
+        window = time.perf_counter()
+        for _ in range(len(data.train_loader)):
+            limit_step()
+        limit_seconds += time.perf_counter() - window
     val = evaluate(model, data.val_loader, criterion, normalizer, torch.device("cpu"), data.classes,
                    show_progress=False)
-    return {"images_per_s": images / train_seconds, "epoch_images_per_s": epoch_rates,
+    return {"images_per_s": images / (decode_seconds + loop_seconds), "loop_images_per_s": images / loop_seconds,
+            "limit_images_per_s": images / limit_seconds, "epoch_images_per_s": epoch_rates,
             "decode_seconds": decode_seconds, "val_acc": val["val_acc"]}
 
 
@@ -193,6 +230,7 @@ def child_evaluate(args) -> dict:
     from geektime.engine import predict
     from geektime.evaluate import evaluate_checkpoints
     from geektime.models import build_model
+    from geektime.train import build_optimizer
 
     train_dir, val_dir = data_dirs(args)
     if val_dir is None:
@@ -202,10 +240,14 @@ def child_evaluate(args) -> dict:
     size = (args.image_size, args.image_size)
     folder = open_folder("data.val_dir", val_dir)
     model = build_model(cfg.model, len(folder.classes), size)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    model(torch.randn(2, 3, *size)).sum().backward()
+    optimizer.step()  # momentum buffers: a checkpoint as train.py writes it is about twice the weights
     run = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     plain = to_plain(cfg)
     for epoch in range(1, args.checkpoints + 1):
-        checkpoint.save_atomic({"format_version": 1, "model": model.state_dict(), "epoch": epoch,
+        checkpoint.save_atomic({"format_version": 1, "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "epoch": epoch,
                                 "classes": folder.classes, "image_size": list(size), "normalization": "imagenet",
                                 "transforms": plain["transforms"], "config": plain}, run / f"epoch_{epoch:03d}.pth")
     eval_cfg = OmegaConf.load(find_conf_dir() / "evaluate.yaml")
@@ -222,8 +264,9 @@ def child_evaluate(args) -> dict:
     tcfg = cfg.transforms
     images, _ = decode_all(paths, build_transform(tcfg, size, False), decode_size(tcfg, size, False), size)
     decode_seconds = time.perf_counter() - started
-    model.to(memory_format=torch.channels_last)
-    normalizer = InputNormalizer("imagenet", torch.device("cpu"), True)
+    memory_format, channels_last = layout(cfg, size)
+    model.to(memory_format=memory_format)
+    normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     started = time.perf_counter()
     for _ in range(args.checkpoints):
         predict(model, images, normalizer, torch.device("cpu"), args.batch_size)
@@ -244,50 +287,85 @@ def run_child(name: str, argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ratios(results: dict) -> dict:
+    """The figures each target is judged by, computed within one run."""
+    out = {}
+    if "ours" in results:
+        ours = results["ours"]
+        out["ours"] = ours["images_per_s"] / ours["limit_images_per_s"]
+        out["ours_loop"] = ours["loop_images_per_s"] / ours["limit_images_per_s"]
+        if "course" in results:
+            out["course"] = ours["images_per_s"] / results["course"]["images_per_s"]
+    if "evaluate" in results:
+        out["evaluate"] = results["evaluate"]["ratio_to_limit"]
+    return out
+
+
+def print_table(model: str, runs: list[dict]) -> None:
+    def med(values):
+        return statistics.median(values)
+
+    names = list(runs[0])
+    rs = [ratios(r) for r in runs]
+    print(f"\n{model}: medians of {len(runs)} run(s); each ratio is computed within one run\n")
+    print("| measurement | images/s | ratio | peak RSS MiB |\n|---|---|---|---|")
+    for name in names:
+        rate = med([r[name]["images_per_s"] for r in runs])
+        rss = med([r[name]["peak_rss_mib"] for r in runs])
+        if name == "ours":
+            ratio = (f"{med([x['ours'] for x in rs]):.2f} of compute-only with the one-time decode, "
+                     f"{med([x['ours_loop'] for x in rs]):.2f} without")
+        elif name == "course" and "course" in rs[0]:
+            ratio = f"ours / course = {med([x['course'] for x in rs]):.2f}"
+        elif name == "evaluate":
+            ratio = f"{med([x['evaluate'] for x in rs]):.2f} x (decode once + K x inference)"
+        else:
+            ratio = "limit"
+        print(f"| {name} | {rate:.1f} | {ratio} | {rss:.0f} |")
+    if "ours" in names and "course" in names:
+        print(f"\nval accuracy after the same epochs, per run: ours "
+              f"{[round(r['ours']['val_acc'], 3) for r in runs]}, course {[round(r['course']['val_acc'], 3) for r in runs]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="efficientnet_b0", help="a conf/model name")
+    parser.add_argument("--model", nargs="+", default=["efficientnet_b0", "resnet18"], help="conf/model names")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="an ImageFolder root with train/ and valid/, or 'digits'")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of the compute-only limit")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of the compute-only child")
     parser.add_argument("--checkpoints", type=int, default=10, help="K for the evaluation benchmark")
-    parser.add_argument("--only", nargs="*", choices=list(CHILDREN), default=list(CHILDREN))
+    parser.add_argument("--repeat", type=int, default=1, help="runs of the whole set; the table gives medians")
+    parser.add_argument("--only", nargs="+", choices=list(CHILDREN), default=list(CHILDREN))
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        args.model = args.model[0]
         result = CHILDREN[args.child](args)
         result["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(result))
         return
     if args.data != "digits" and not Path(args.data).is_dir():
         raise SystemExit(f"--data {args.data}: no such folder (give an ImageFolder root or 'digits')")
-    argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
     import torch
 
-    print(f"{args.model} {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.epochs} epochs, data {args.data}; torch {torch.__version__}, {os.cpu_count()} cores")
-    results = {}
-    for name in args.only:
-        results[name] = run_child(name, [a for a in argv if a not in args.only])
-        print(f"  {name:9s} {json.dumps(results[name])}", flush=True)
-    print("\n| measurement | images/s | ratio | peak RSS MiB |\n|---|---|---|---|")
-    limit = results.get("compute", {}).get("images_per_s")
-    for name, r in results.items():
-        if name == "ours" and limit:
-            ratio = f"{r['images_per_s'] / limit:.2f} of compute-only"
-        elif name == "course" and "ours" in results:
-            ratio = f"ours / course = {results['ours']['images_per_s'] / r['images_per_s']:.2f}"
-        elif name == "evaluate":
-            ratio = f"{r['ratio_to_limit']:.2f} x (decode once + K x inference)"
-        else:
-            ratio = "limit"
-        print(f"| {name} | {r['images_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} |")
-    if "ours" in results and "course" in results:
-        print(f"\nval accuracy after {args.epochs} epochs: ours {results['ours']['val_acc']:.3f}, "
-              f"course {results['course']['val_acc']:.3f}")
+    print(f"{' and '.join(args.model)}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+          f"{args.threads} threads, {args.epochs} epochs, data {args.data}; torch {torch.__version__}, "
+          f"{os.cpu_count()} cores")
+    for model in args.model:
+        runs = []
+        for run in range(args.repeat):
+            results = {}
+            for name in args.only:
+                results[name] = run_child(name, [
+                    "--model", model, "--data", args.data, "--image-size", str(args.image_size),
+                    "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--epochs", str(args.epochs),
+                    "--steps", str(args.steps), "--checkpoints", str(args.checkpoints)])
+                print(f"  {model} run {run + 1} {name:9s} {json.dumps(results[name])}", flush=True)
+            runs.append(results)
+        print_table(model, runs)
 
 
 if __name__ == "__main__":

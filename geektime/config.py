@@ -105,6 +105,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     choose("scheduler.name", cfg.scheduler.name, SCHEDULERS)
     choose("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
     choose("data.cache", str(cfg.data.cache).lower(), ("auto", "true", "false"))
+    choose("trainer.channels_last", str(cfg.trainer.channels_last).lower(), ("auto", "true", "false"))
     if cfg.data.image_size is not None:
         image_size("data.image_size", cfg.data.image_size)
     positive("data.batch_size", cfg.data.batch_size)

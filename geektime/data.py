@@ -211,7 +211,7 @@ def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size:
                workers: int | None = None, desc: str = "decoding",
                progress: bool = True) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Decode every image once in parallel; returns the uint8 stack (bad ones zeroed) and the bad files."""
-    images = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
+    images = np.empty((len(paths), 3, *size), dtype=np.uint8)  # numpy: no intra-op threads competing with the pool
     bad: list[tuple[str, str]] = []
     workers = workers or cpu_count()
     jobs = [(p, transform, min_size) for p in paths]
@@ -224,7 +224,7 @@ def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size:
     try:
         for i, (array, reason) in enumerate(results):
             if reason is None:
-                images[i] = torch.from_numpy(array)
+                images[i] = array
             else:
                 images[i] = 0
                 bad.append((paths[i], reason))
@@ -234,7 +234,7 @@ def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size:
         if pool is not None:
             pool.close()
             pool.join()
-    return images, bad
+    return torch.from_numpy(images), bad
 
 
 # ---------------------------------------------------------------- assembling a split

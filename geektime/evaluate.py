@@ -21,9 +21,10 @@ from geektime.data import InputNormalizer, build_transform, decode_all, decode_s
 from geektime.distributed import resolve_device
 from geektime.engine import predict
 from geektime.images import list_images
-from geektime.metrics import (SelectionError, epoch_table, format_report, format_selection, format_table, select_best,
-                              threshold_for, write_report, write_table_csv, write_threshold_outputs)
-from geektime.models import build_model
+from geektime.metrics import (SelectionError, confusion_png_path, epoch_table, format_report, format_selection,
+                              format_table, save_confusion_png, select_best, threshold_for, write_report,
+                              write_table_csv, write_threshold_outputs)
+from geektime.models import build_model, channels_last_pays
 from geektime.predictions import read_predictions, write_predictions
 
 log = logging.getLogger("geektime.evaluate")
@@ -96,14 +97,15 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
              source, size, tcfg.name, len(files), first["config"]["model"]["name"])
 
     model_cfg = OmegaConf.create({**first["config"]["model"], "pretrained": False})
-    normalizer = InputNormalizer(first["normalization"], device, channels_last=True)
-    rows, txts = [], {}
+    channels_last = channels_last_pays("auto", model_cfg.family, size, device)
+    model = build_model(model_cfg, len(classes), size).to(
+        device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    normalizer = InputNormalizer(first["normalization"], device, channels_last)
+    rows, txts, reports = [], {}, {}
     for path in files:
         ckpt = first if path == files[0] else checkpoint.load(path)
         _same_input(ckpt, first, path, files[0])
-        model = build_model(model_cfg, len(classes), size)
-        model.load_state_dict(ckpt["model"])
-        model.to(device=device, memory_format=torch.channels_last)
+        model.load_state_dict(ckpt["model"])  # same architecture throughout: only the weights change
         probs = predict(model, images, normalizer, device, cfg.data.batch_size, amp=device.type == "cuda")
         txt = out_dir / (f"{path.stem}.txt" if labeled else f"{path.stem}_test.txt")
         write_predictions(txt, classes, probs.numpy(), targets, paths, header={
@@ -111,7 +113,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
             "transform": tcfg.name, "date": datetime.now().isoformat(timespec="seconds")})
         txts[path.name] = txt
         if labeled:
-            rows.append((path.name, write_report(read_predictions(txt), txt)))
+            reports[path.name] = write_report(read_predictions(txt), txt, confusion_png=len(files) == 1)
+            rows.append((path.name, reports[path.name]))
         else:
             counts = Counter(classes[i] for i in probs.argmax(1).tolist())
             print(f"{txt}: {len(paths)} images; predicted " + ", ".join(f"{c}: {counts[c]}" for c in classes))
@@ -123,7 +126,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
     print(format_table(table))
     if len(rows) == 1:
         print(format_report(rows[0][1]))
-    print(f"\nper-checkpoint txt/JSON/confusion PNG and epochs.csv in {out_dir}")
+    print(f"\nper-checkpoint txt and JSON, epochs.csv and the chosen checkpoint's confusion PNG in {out_dir}")
     try:
         best = select_best(rows, cfg.select.metric, cfg.select.positive, cfg.select.min_precision,
                            cfg.select.min_recall)
@@ -132,6 +135,9 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
                           "or train longer.") from None
     best["checkpoint_path"] = str(run_dir / best["checkpoint"])
     best["predictions"] = str(txts[best["checkpoint"]])
+    best["confusion_png"] = str(confusion_png_path(txts[best["checkpoint"]]))
+    if len(files) > 1:
+        save_confusion_png(reports[best["checkpoint"]], best["confusion_png"])
     (out_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
     print(format_selection(best) + f"\n  -> {out_dir / 'best.json'}")
     if cfg.select.positive is not None:

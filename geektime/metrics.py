@@ -127,13 +127,23 @@ def save_confusion_png(report: dict, path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
-def write_report(pred: Predictions, txt_path: str | os.PathLike) -> dict:
-    """Compute the report and write ``<stem>.json`` and ``<stem>_confusion.png`` beside the txt."""
+def confusion_png_path(txt_path: str | os.PathLike) -> Path:
+    txt_path = Path(txt_path)
+    return txt_path.with_name(f"{txt_path.stem}_confusion.png")
+
+
+def write_report(pred: Predictions, txt_path: str | os.PathLike, confusion_png: bool = True) -> dict:
+    """Compute the report and write ``<stem>.json`` (and ``<stem>_confusion.png``) beside the txt.
+
+    The PNG costs about as much as inferring 30 images on a small CPU, so a run dir of many
+    checkpoints draws it only for the chosen one.
+    """
     txt_path = Path(txt_path)
     report = classification_report(pred)
     json_path = txt_path.with_name(f"{txt_path.stem}.json")
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    save_confusion_png(report, txt_path.with_name(f"{txt_path.stem}_confusion.png"))
+    if confusion_png:
+        save_confusion_png(report, confusion_png_path(txt_path))
     return report
 
 

@@ -92,6 +92,18 @@ def build_model(mcfg, num_classes: int, image_size: tuple[int, int]) -> nn.Modul
     raise ConfigError(f"model.family={mcfg.family!r} is not one of: efficientnet, resnet")
 
 
+def channels_last_pays(setting, family: str, image_size: tuple[int, int], device: torch.device) -> bool:
+    """`trainer.channels_last` resolved: `auto` is channels-last except for a ResNet on a CPU below 96 px.
+
+    Measured on 2 CPU cores (training steps, batch 16): EfficientNet-B0 gains 1.6x at 32 px and 1.3x
+    at 224; ResNet-18 loses 0.8x at 32 and 0.9x at 64 but gains 1.1x at 112 and 1.25x at 224.
+    """
+    setting = str(setting).lower()
+    if setting != "auto":
+        return setting == "true"
+    return not (family == "resnet" and device.type == "cpu" and min(image_size) < 96)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model under DDP / torch.compile wrappers: what a checkpoint must hold."""
     while True:

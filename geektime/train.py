@@ -22,7 +22,7 @@ from geektime import checkpoint, distributed
 from geektime.config import ConfigError, cpu_count, to_plain, validate_train_config
 from geektime.data import InputNormalizer, build_data
 from geektime.engine import NonFiniteLossError, evaluate, train_one_epoch
-from geektime.models import build_model, unwrap
+from geektime.models import build_model, channels_last_pays, unwrap
 
 log = logging.getLogger("geektime.train")
 
@@ -181,7 +181,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if ckpt is not None:
         checkpoint.check_compatible(ckpt, resume_path, cfg.model.name, classes)
     model = build_model(cfg.model, len(classes), data.image_size)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    channels_last = channels_last_pays(cfg.trainer.channels_last, cfg.model.family, data.image_size, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.scheduler, cfg.trainer.epochs, cfg.optimizer.lr))
@@ -209,7 +210,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         model = torch.compile(model)
 
     criterion = nn.CrossEntropyLoss()
-    normalizer = InputNormalizer(cfg.model.normalization, device, cfg.trainer.channels_last)
+    normalizer = InputNormalizer(cfg.model.normalization, device, channels_last)
     columns = metric_columns(classes)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1) if procs.is_main else None
     plain_cfg = to_plain(cfg)

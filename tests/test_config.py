@@ -9,7 +9,7 @@ from PIL import Image
 
 from geektime.config import MODEL_NAMES, ConfigError, find_conf_dir, register_resolvers, validate_train_config
 from geektime.data import InputNormalizer, Letterbox, build_transform
-from geektime.models import build_model
+from geektime.models import build_model, channels_last_pays
 
 register_resolvers()
 NATIVE = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380, "b5": 456, "b6": 528, "b7": 600}
@@ -51,6 +51,24 @@ def test_validation_names_the_key_and_choices():
     cfg = compose_train("data.batch_size=0")
     with pytest.raises(ConfigError, match="data.batch_size"):
         validate_train_config(cfg)
+    cfg = compose_train("trainer.channels_last=sometimes")
+    with pytest.raises(ConfigError, match="trainer.channels_last='sometimes' is not one of: auto, true, false"):
+        validate_train_config(cfg)
+
+
+@pytest.mark.parametrize("setting", [True, False, "auto"])
+def test_channels_last_setting_from_the_command_line(setting):
+    cfg = compose_train(f"trainer.channels_last={str(setting).lower()}")
+    validate_train_config(cfg)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    if setting == "auto":
+        assert channels_last_pays(cfg.trainer.channels_last, "efficientnet", (32, 32), cpu)
+        assert not channels_last_pays(cfg.trainer.channels_last, "resnet", (64, 64), cpu)
+        assert channels_last_pays(cfg.trainer.channels_last, "resnet", (224, 224), cpu)
+        assert channels_last_pays(cfg.trainer.channels_last, "resnet", (64, 64), cuda)
+    else:
+        for family, size in (("efficientnet", (32, 32)), ("resnet", (64, 64)), ("resnet", (224, 224))):
+            assert channels_last_pays(cfg.trainer.channels_last, family, size, cpu) is setting
 
 
 def _content_box(img: Image.Image, fill) -> tuple[int, int, int, int]:

@@ -81,6 +81,16 @@ def layout(cfg, size) -> tuple:
     return (torch.channels_last if cl else torch.contiguous_format), cl
 
 
+def in_memory_step(model, optimizer, criterion, normalizer, images, targets):
+    """One forward+backward+SGD step on a batch already in memory: the unit of the compute-only limit."""
+    def step():
+        loss = criterion(model(normalizer(images)), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 # ---------------------------------------------------------------- children
 
 def child_compute(args) -> dict:
@@ -99,14 +109,8 @@ def child_compute(args) -> dict:
     normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     images = torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8)
     targets = torch.randint(0, 2, (args.batch_size,))
-    criterion = torch.nn.CrossEntropyLoss()
-
-    def step():
-        loss = criterion(model(normalizer(images)), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = in_memory_step(model, optimizer, criterion=torch.nn.CrossEntropyLoss(), normalizer=normalizer,
+                          images=images, targets=targets)
     for _ in range(2):
         step()
     started = time.perf_counter()
@@ -142,15 +146,8 @@ def child_ours(args) -> dict:
     criterion = torch.nn.CrossEntropyLoss()
 
     limit_model = copy.deepcopy(model).train()
-    limit_optimizer = build_optimizer(cfg.optimizer, limit_model)
-    limit_images, limit_targets = next(iter(data.train_loader))
-
-    def limit_step():
-        loss = criterion(limit_model(normalizer(limit_images)), limit_targets)
-        limit_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        limit_optimizer.step()
-
+    limit_step = in_memory_step(limit_model, build_optimizer(cfg.optimizer, limit_model), criterion, normalizer,
+                                *next(iter(data.train_loader)))
     for _ in range(2):
         limit_step()
     loop_seconds = limit_seconds = 0.0

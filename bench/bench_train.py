@@ -8,6 +8,7 @@ Each measurement runs in its own child process, so peak RSS is per measurement:
              one-time decode included; images/s and the ratio to the limit, which this child
              re-measures between its epochs (a copy of the model on one in-memory batch), so
              that the ratio is not at the mercy of the machine's load drifting between children;
+             with --augment, random crops and flips decoded in DataLoader workers every epoch;
 3. course    the course-style loop: ImageFolder + PIL Resize to the tuple + ToTensor/Normalize +
              DataLoader, the published efficientnet_pytorch 0.7.1 (or torchvision's ResNet),
              `loss.item()` every step; our ratio over it, and both val accuracies after E epochs;
@@ -15,7 +16,7 @@ Each measurement runs in its own child process, so peak RSS is per measurement:
              K x inference on tensors in memory.
 
     python bench/bench_train.py [--model efficientnet_b0 resnet18] [--data ../shared/datasets/doraemon_walle | digits]
-        [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--checkpoints 10] [--repeat 1]
+        [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--checkpoints 10] [--repeat 1] [--augment]
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def geektime_cfg(args, train_dir, val_dir):
     cfg.data.image_size = [args.image_size, args.image_size]
     cfg.data.batch_size = args.batch_size
     cfg.trainer.threads = args.threads
+    cfg.transforms.augment.enabled = args.augment
     return cfg
 
 
@@ -335,6 +337,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the compute-only child")
     parser.add_argument("--checkpoints", type=int, default=10, help="K for the evaluation benchmark")
     parser.add_argument("--repeat", type=int, default=1, help="runs of the whole set; the table gives medians")
+    parser.add_argument("--augment", action="store_true",
+                        help="ours trains with random crops and flips, decoded in DataLoader workers every epoch")
     parser.add_argument("--only", nargs="+", choices=list(CHILDREN), default=list(CHILDREN))
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -359,7 +363,7 @@ def main() -> None:
                 results[name] = run_child(name, [
                     "--model", model, "--data", args.data, "--image-size", str(args.image_size),
                     "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--epochs", str(args.epochs),
-                    "--steps", str(args.steps), "--checkpoints", str(args.checkpoints)])
+                    "--steps", str(args.steps), "--checkpoints", str(args.checkpoints), *(["--augment"] * args.augment)])
                 print(f"  {model} run {run + 1} {name:9s} {json.dumps(results[name])}", flush=True)
             runs.append(results)
         print_table(model, runs)

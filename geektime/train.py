@@ -223,7 +223,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     epoch = saved = start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
-            torch.manual_seed(cfg.trainer.seed + epoch)  # augmentation, dropout: same per epoch after a resume
+            torch.manual_seed(cfg.trainer.seed + epoch)  # dropout, drop-connect: the same per epoch after a resume
             data.train_sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             started = time.perf_counter()

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from geektime.config import MODEL_NAMES, ConfigError, find_conf_dir, register_resolvers, validate_train_config
-from geektime.data import InputNormalizer, Letterbox, build_transform
+from geektime.data import FileImages, InputNormalizer, Letterbox, build_data, build_transform
 from geektime.models import build_model, channels_last_pays
 
 register_resolvers()
@@ -109,6 +109,35 @@ def test_augmentation_only_when_training_and_enabled():
     assert len(outs) > 1
     evals = {tuple(build_transform(tcfg, (32, 32), train=False)(img).flatten().tolist()) for _ in range(3)}
     assert len(evals) == 1
+
+
+def _epoch_batches(data, epochs=(1, 2)) -> dict[int, list[torch.Tensor]]:
+    out = {}
+    for epoch in epochs:
+        data.train_sampler.set_epoch(epoch)
+        out[epoch] = [images for images, _ in data.train_loader]
+    return out
+
+
+def test_augmented_images_depend_on_seed_epoch_and_index_only(folders):
+    """Per-image seeds: the same crops with 0 workers, with 2 persistent workers, and when an epoch is replayed."""
+    train_dir, val_dir = folders
+    common = ("transforms.augment.enabled=true", "data.image_size=[24,24]", "data.batch_size=5",
+              f"data.train_dir={train_dir}", f"data.val_dir={val_dir}")
+    inline = build_data(compose_train(*common, "data.num_workers=0"))
+    pooled = build_data(compose_train(*common, "data.num_workers=2"))
+    assert isinstance(pooled.train, FileImages) and pooled.train_loader.persistent_workers
+    torch.manual_seed(123)  # the caller's generator plays no part
+    first = _epoch_batches(inline)
+    torch.manual_seed(456)
+    again = _epoch_batches(pooled, epochs=(1, 2, 1))  # epoch 1 replayed by the same live workers, as after a resume
+    for epoch in (1, 2):
+        assert len(first[epoch]) == len(again[epoch]) > 1
+        for a, b in zip(first[epoch], again[epoch]):
+            assert torch.equal(a, b)
+    # A different epoch shows each image with another crop: the sampler's order alone would not change the set.
+    by_epoch = [sorted(tuple(img.flatten()[:64].tolist()) for batch in first[e] for img in batch) for e in (1, 2)]
+    assert by_epoch[0] != by_epoch[1]
 
 
 def test_normalization_follows_the_model():

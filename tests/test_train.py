@@ -38,9 +38,11 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, folders):
+@pytest.mark.parametrize("augment", [False, True], ids=["decoded-once", "augmented-in-persistent-workers"])
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, folders, augment):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5")
+    common = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5",
+              f"transforms.augment.enabled={str(augment).lower()}", "data.num_workers=2")
     train_tiny(straight, *folders, "trainer.epochs=4", *common)
     train_tiny(resumed, *folders, "trainer.epochs=2", *common)
     proc = run_script("train.py", f"trainer.resume={resumed}", "trainer.epochs=4")

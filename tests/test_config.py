@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from geektime.config import MODEL_NAMES, ConfigError, find_conf_dir, register_resolvers, validate_train_config
-from geektime.data import FileImages, InputNormalizer, Letterbox, build_data, build_transform
+from geektime.data import (DecodedImages, FileImages, InputNormalizer, Letterbox, build_augmentation, build_data,
+                           build_transform)
 from geektime.models import build_model, channels_last_pays
 
 register_resolvers()
@@ -104,11 +105,17 @@ def test_resize_keeps_everything_and_center_crop_cuts_the_sides():
 def test_augmentation_only_when_training_and_enabled():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 80, 3), dtype=np.uint8))
     tcfg = compose_train("transforms.augment.enabled=true").transforms
+    view = build_transform(tcfg, (32, 32), train=True)(img)
+    assert view.shape == (3, 64, 64)  # random resized crops come from a view with detail in reserve
+    augmentation = build_augmentation(tcfg, (32, 32), train=True)
     torch.manual_seed(0)
-    outs = {tuple(build_transform(tcfg, (32, 32), train=True)(img).flatten()[:50].tolist()) for _ in range(5)}
-    assert len(outs) > 1
+    outs = [augmentation(view) for _ in range(5)]
+    assert all(o.shape == (3, 32, 32) and o.dtype == torch.uint8 for o in outs)
+    assert len({tuple(o.flatten().tolist()) for o in outs}) > 1
+    assert build_augmentation(tcfg, (32, 32), train=False) is None
+    assert build_augmentation(compose_train().transforms, (32, 32), train=True) is None
     evals = {tuple(build_transform(tcfg, (32, 32), train=False)(img).flatten().tolist()) for _ in range(3)}
-    assert len(evals) == 1
+    assert len(evals) == 1 and len(next(iter(evals))) == 3 * 32 * 32
 
 
 def _epoch_batches(data, epochs=(1, 2)) -> dict[int, list[torch.Tensor]]:
@@ -119,14 +126,15 @@ def _epoch_batches(data, epochs=(1, 2)) -> dict[int, list[torch.Tensor]]:
     return out
 
 
-def test_augmented_images_depend_on_seed_epoch_and_index_only(folders):
+@pytest.mark.parametrize("cache, split_type", [(True, DecodedImages), (False, FileImages)])
+def test_augmented_images_depend_on_seed_epoch_and_index_only(folders, cache, split_type):
     """Per-image seeds: the same crops with 0 workers, with 2 persistent workers, and when an epoch is replayed."""
     train_dir, val_dir = folders
     common = ("transforms.augment.enabled=true", "data.image_size=[24,24]", "data.batch_size=5",
-              f"data.train_dir={train_dir}", f"data.val_dir={val_dir}")
+              f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", f"data.cache={str(cache).lower()}")
     inline = build_data(compose_train(*common, "data.num_workers=0"))
     pooled = build_data(compose_train(*common, "data.num_workers=2"))
-    assert isinstance(pooled.train, FileImages) and pooled.train_loader.persistent_workers
+    assert isinstance(pooled.train, split_type) and pooled.train_loader.persistent_workers
     torch.manual_seed(123)  # the caller's generator plays no part
     first = _epoch_batches(inline)
     torch.manual_seed(456)

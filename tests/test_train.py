@@ -38,11 +38,12 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("augment", [False, True], ids=["decoded-once", "augmented-in-persistent-workers"])
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, folders, augment):
+@pytest.mark.parametrize("augment, cache", [(False, True), (True, True), (True, False)],
+                         ids=["decoded-once", "augmented-from-the-cache", "augmented-decoded-in-workers"])
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, folders, augment, cache):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5",
-              f"transforms.augment.enabled={str(augment).lower()}", "data.num_workers=2")
+    common = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5", "data.num_workers=2",
+              f"transforms.augment.enabled={str(augment).lower()}", f"data.cache={str(cache).lower()}")
     train_tiny(straight, *folders, "trainer.epochs=4", *common)
     train_tiny(resumed, *folders, "trainer.epochs=2", *common)
     proc = run_script("train.py", f"trainer.resume={resumed}", "trainer.epochs=4")

@@ -8,6 +8,7 @@ decoded again on every access, in DataLoader workers.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -184,6 +185,12 @@ class InputNormalizer:
 
 # ---------------------------------------------------------------- decoded-once images
 
+def image_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one image in one epoch, distinct for any seed, epoch and split size."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class ImageSplit(Dataset):
     """A split as (uint8 CHW image, target) items, indexed by index or by (index, epoch).
 
@@ -205,8 +212,8 @@ class ImageSplit(Dataset):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         image = self.view(index)
         if self.augmentation is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: the one seeded here
+                torch.default_generator.manual_seed(image_seed(self.seed, epoch, index))
                 image = self.augmentation(image)
         return image, self.targets[index]
 
@@ -239,7 +246,8 @@ class EpochSampler(DistributedSampler):
     """A DistributedSampler that yields (index, epoch), so that an ImageSplit can seed each image's crop."""
 
     def __iter__(self):
-        return ((index, self.epoch) for index in super().__iter__())
+        epoch = self.epoch
+        return ((index, epoch) for index in super().__iter__())
 
 
 def _decode_one(job):
@@ -339,7 +347,7 @@ class Data:
 def loader_workers(dcfg, dataset: Dataset, processes: int = 1) -> int:
     if dcfg.num_workers != "auto":
         return int(dcfg.num_workers)
-    if isinstance(dataset, DecodedImages):
+    if isinstance(dataset, DecodedImages) and dataset.augmentation is None:
         return 0  # indexing a tensor: a worker would only add copies
     return max(1, min(4, cpu_count() // processes))
 

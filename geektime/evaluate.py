@@ -138,6 +138,10 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict | None:
     best["confusion_png"] = str(confusion_png_path(txts[best["checkpoint"]]))
     if len(files) > 1:
         save_confusion_png(reports[best["checkpoint"]], best["confusion_png"])
+        for txt in txts.values():  # an earlier evaluation's choice would read as this one's
+            stale = confusion_png_path(txt)
+            if str(stale) != best["confusion_png"]:
+                stale.unlink(missing_ok=True)
     (out_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
     print(format_selection(best) + f"\n  -> {out_dir / 'best.json'}")
     if cfg.select.positive is not None:

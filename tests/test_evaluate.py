@@ -63,6 +63,7 @@ def test_run_dir_selection_follows_the_business_metric(trained, tmp_path):
     run_script("evaluate.py", f"checkpoint={designed}", f"data.val_dir={val_dir}", "select.metric=recall",
                "select.positive=logo")
     assert json.loads((designed / "eval/best.json").read_text())["checkpoint"] == "epoch_001.pth"
+    assert (designed / "eval/epoch_001_confusion.png").is_file()
     run_script("evaluate.py", f"checkpoint={designed}", f"data.val_dir={val_dir}", "select.metric=precision",
                "select.positive=logo")
     best = json.loads((designed / "eval/best.json").read_text())
@@ -80,6 +81,7 @@ def test_run_dir_selection_follows_the_business_metric(trained, tmp_path):
                                                                             abs=1e-5)
     # Every checkpoint gets its JSON; the confusion PNG is drawn for the chosen one (epoch_002 by precision).
     assert (designed / "eval/epoch_001.json").is_file() and (designed / "eval/epoch_002_confusion.png").is_file()
+    assert not (designed / "eval/epoch_001_confusion.png").exists()  # the recall run's choice is gone
     assert best["confusion_png"] == str(designed / "eval/epoch_002_confusion.png")
 
     # A floor nobody meets is a message, not a traceback.

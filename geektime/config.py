@@ -36,7 +36,8 @@ def _launch_rank() -> int:
 
 
 def _run_dir(resume: Any, fresh_dir: str) -> str:
-    """A resumed run continues in its own folder; any other run gets a fresh one.
+    """A resumed run continues in its own folder; any other run gets a fresh one, and so does a resume
+    from a path that does not exist (a typo must not create that folder; the run then stops with the error).
 
     Under torchrun only rank 0 gets one: the other ranks' clocks may read another second, so they
     get "." (nothing to create) and take rank 0's folder when they join its process group.
@@ -46,7 +47,9 @@ def _run_dir(resume: Any, fresh_dir: str) -> str:
     if resume in (None, "", "null"):
         return fresh_dir
     path = Path(str(resume)).expanduser()
-    return str(path.parent if path.suffix == ".pth" else path)
+    if not path.exists():
+        return fresh_dir
+    return str(path.parent if path.is_file() else path)
 
 
 def register_resolvers() -> None:

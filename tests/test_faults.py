@@ -435,6 +435,16 @@ def test_resume_with_another_architecture_says_what_the_checkpoint_holds(base_ru
     assert shas(run) == shas(base_run)
 
 
+def test_resume_from_a_path_that_does_not_exist_creates_nothing_there(tmp_path):
+    missing = tmp_path / "typo" / "epoch_003.pth"
+    proc = run_script("train.py", f"trainer.resume={missing}", check=False, cwd=tmp_path)
+    COUNTS["bad:checkpoints"] += 1
+    assert proc.returncode == 2 and f"trainer.resume={missing}: no such file or run folder" in proc.stderr, out(proc)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "typo").exists()  # the failed run's log went to a fresh folder under checkpoints/
+    assert list((tmp_path / "checkpoints").glob("*/train.log"))
+
+
 def test_resume_with_another_class_count_says_what_the_checkpoint_holds(base_run, outcomes):
     proc, run = outcomes["resume another class count"]
     COUNTS["bad:checkpoints"] += 1
@@ -519,11 +529,11 @@ def epoch_files(run: Path) -> int:
 
 
 def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(root, clean):
-    """SIGKILL a run of 8 short epochs three times (once while a checkpoint is being written, twice at a random
+    """SIGKILL a run of 12 short epochs three times (once while a checkpoint is being written, twice at a random
     moment of training), checking after each kill that every checkpoint on disk loads; then resume to the end."""
     rng = random.Random(20240501)
     run = root / "killed"
-    epochs = 8
+    epochs = 12  # epochs take ~0.3 s here: room for two random kills of up to 0.8 s each before the run ends
     trials = ["during a checkpoint write", "random", "random"]
     kills, resumes_from = 0, None
     for trial, when in enumerate(trials):
@@ -539,7 +549,7 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
             if when == "random":
                 # from the first new checkpoint on, a random moment within the next epoch (train, val, save)
                 started = wait_until(lambda: epoch_files(run) > done_before, proc)
-                time.sleep(rng.uniform(0.0, 1.2))
+                time.sleep(rng.uniform(0.0, 0.8))
             else:
                 started = wait_until(lambda: writing_epoch(run, max(2, done_before + 1)), proc)
             assert started and proc.poll() is None, f"trial {trial} ended before its kill:\n{log.read_text()[-3000:]}"

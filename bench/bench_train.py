@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]  # runs from a checkout, installed or not
@@ -302,23 +302,20 @@ def ratios(results: dict) -> dict:
 
 
 def print_table(model: str, runs: list[dict]) -> None:
-    def med(values):
-        return statistics.median(values)
-
     names = list(runs[0])
     rs = [ratios(r) for r in runs]
     print(f"\n{model}: medians of {len(runs)} run(s); each ratio is computed within one run\n")
     print("| measurement | images/s | ratio | peak RSS MiB |\n|---|---|---|---|")
     for name in names:
-        rate = med([r[name]["images_per_s"] for r in runs])
-        rss = med([r[name]["peak_rss_mib"] for r in runs])
+        rate = median([r[name]["images_per_s"] for r in runs])
+        rss = median([r[name]["peak_rss_mib"] for r in runs])
         if name == "ours":
-            ratio = (f"{med([x['ours'] for x in rs]):.2f} of compute-only with the one-time decode, "
-                     f"{med([x['ours_loop'] for x in rs]):.2f} without")
+            ratio = (f"{median([x['ours'] for x in rs]):.2f} of compute-only with the one-time decode, "
+                     f"{median([x['ours_loop'] for x in rs]):.2f} without")
         elif name == "course" and "course" in rs[0]:
-            ratio = f"ours / course = {med([x['course'] for x in rs]):.2f}"
+            ratio = f"ours / course = {median([x['course'] for x in rs]):.2f}"
         elif name == "evaluate":
-            ratio = f"{med([x['evaluate'] for x in rs]):.2f} x (decode once + K x inference)"
+            ratio = f"{median([x['evaluate'] for x in rs]):.2f} x (decode once + K x inference)"
         else:
             ratio = "limit"
         print(f"| {name} | {rate:.1f} | {ratio} | {rss:.0f} |")

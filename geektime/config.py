@@ -74,6 +74,12 @@ def choose(key: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def auto_or_bool(key: str, value: Any) -> bool | None:
+    """A `true | false | auto` setting: the forced choice, or None for auto."""
+    setting = choose(key, str(value).lower(), ("auto", "true", "false"))
+    return None if setting == "auto" else setting == "true"
+
+
 def image_size(key: str, value: Any) -> tuple[int, int]:
     """(H, W) from an int or a pair; one number means a square."""
     if isinstance(value, (list, tuple, ListConfig)):
@@ -107,8 +113,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     choose("transforms.name", cfg.transforms.name, TRANSFORMS)
     choose("scheduler.name", cfg.scheduler.name, SCHEDULERS)
     choose("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
-    choose("data.cache", str(cfg.data.cache).lower(), ("auto", "true", "false"))
-    choose("trainer.channels_last", str(cfg.trainer.channels_last).lower(), ("auto", "true", "false"))
+    auto_or_bool("data.cache", cfg.data.cache)
+    auto_or_bool("trainer.channels_last", cfg.trainer.channels_last)
     if cfg.data.image_size is not None:
         image_size("data.image_size", cfg.data.image_size)
     positive("data.batch_size", cfg.data.batch_size)

@@ -26,7 +26,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from geektime.config import ConfigError, cpu_count, resolved_image_size
+from geektime.config import ConfigError, auto_or_bool, cpu_count, resolved_image_size
 from geektime.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb, scan_images
 
 log = logging.getLogger(__name__)
@@ -303,9 +303,9 @@ def report_bad(key: str, bad: list[tuple[str, str]], policy: str, root: str) -> 
 
 
 def want_cache(dcfg, count: int, size: tuple[int, int]) -> bool:
-    setting = str(dcfg.cache).lower()
-    if setting != "auto":
-        return setting == "true"
+    forced = auto_or_bool("data.cache", dcfg.cache)
+    if forced is not None:
+        return forced
     return count * 3 * size[0] * size[1] <= float(dcfg.cache_max_gb) * 2**30
 
 
@@ -320,17 +320,19 @@ def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int],
     if want_cache(dcfg, len(paths), cached_size):
         images, bad = decode_all(paths, transform, min_size, cached_size, workers, desc=f"decoding {key}",
                                  progress=progress)
-        report_bad(key, bad, dcfg.on_bad_image, folder.root)
-        unusable = {b for b, _ in bad}
+    else:
+        images = None
+        bad = [(str(p), reason) for p, reason in scan_images([Path(p) for p in paths], workers=workers,
+                                                              progress=progress)]
+    report_bad(key, bad, dcfg.on_bad_image, folder.root)
+    if bad:
+        unusable = {p for p, _ in bad}
         keep = [i for i, p in enumerate(paths) if p not in unusable]
-        if len(keep) < len(paths):
-            images, targets, paths = images[keep], targets[keep], [paths[i] for i in keep]
-        return DecodedImages(images, targets, paths, augmentation, seed)
-    bad = scan_images([Path(p) for p in paths], workers=workers, progress=progress)
-    report_bad(key, [(str(p), reason) for p, reason in bad], dcfg.on_bad_image, folder.root)
-    unusable = {str(p) for p, _ in bad}
-    keep = [i for i, p in enumerate(paths) if p not in unusable]
-    return FileImages([paths[i] for i in keep], targets[keep], transform, min_size, augmentation, seed)
+        paths, targets = [paths[i] for i in keep], targets[keep]
+        images = images[keep] if images is not None else None
+    if images is None:
+        return FileImages(paths, targets, transform, min_size, augmentation, seed)
+    return DecodedImages(images, targets, paths, augmentation, seed)
 
 
 @dataclass

@@ -231,6 +231,11 @@ def threshold_pred(tmp_path):
     return read_predictions(path)
 
 
+def _rows_approx(rows):
+    """pytest.approx for a list of tuples (approx itself refuses nested sequences since pytest 9.2)."""
+    return [pytest.approx(row) for row in rows]
+
+
 def test_threshold_table_by_hand(threshold_pred):
     # At threshold t the images with score >= t are positive; there are 4 positives in all.
     expected = [
@@ -242,7 +247,7 @@ def test_threshold_table_by_hand(threshold_pred):
         (0.8, 1 / 2, 1 / 4),
         (0.9, 1 / 1, 1 / 4),
     ]
-    assert threshold_table(threshold_pred, "logo") == pytest.approx(expected)
+    assert threshold_table(threshold_pred, "logo") == _rows_approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -276,7 +281,7 @@ def test_threshold_uses_the_positive_class_column(tmp_path):
         encoding="utf-8",
     )
     # dog scores: 0.3 (dog), 0.6 (bird), 0.1 (dog).
-    assert threshold_table(read_predictions(path), "dog") == pytest.approx(
+    assert threshold_table(read_predictions(path), "dog") == _rows_approx(
         [(0.1, 2 / 3, 1.0), (0.3, 1 / 2, 1 / 2), (0.6, 0.0, 0.0)]
     )
 

@@ -42,28 +42,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def compose(config_name: str, overrides: list[str]):
+    """conf/<config_name>.yaml as train.py / evaluate.py compose it (schema included), without a Hydra run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from geektime.config import find_conf_dir, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
 def geektime_cfg(args, train_dir, val_dir):
-    """The config train.py would compose, built from the same YAML files (no Hydra run dir needed)."""
-    from omegaconf import OmegaConf
-
-    from geektime.config import find_conf_dir
-
-    conf = find_conf_dir()
-
-    def load(group: str, name: str):
-        return OmegaConf.load(conf / group / f"{name}.yaml")
-
-    cfg = OmegaConf.create({
-        "model": load("model", args.model), "data": load("data", "default"), "transforms": load("transforms", "resize"),
-        "optimizer": load("optimizer", "sgd"), "scheduler": {"name": "none"}, "trainer": load("trainer", "default"),
-        "sweep_metric": "val_acc",
-    })
-    cfg.data.train_dir, cfg.data.val_dir = train_dir, val_dir
-    cfg.data.image_size = [args.image_size, args.image_size]
-    cfg.data.batch_size = args.batch_size
-    cfg.trainer.threads = args.threads
-    cfg.transforms.augment.enabled = args.augment
-    return cfg
+    """The config train.py would compose for this benchmark."""
+    overrides = [f"model={args.model}", "scheduler=none", f"data.image_size=[{args.image_size},{args.image_size}]",
+                 f"data.batch_size={args.batch_size}", f"trainer.threads={args.threads}",
+                 f"transforms.augment.enabled={str(args.augment).lower()}"]
+    if train_dir is not None:
+        overrides += [f"data.train_dir={train_dir}", f"data.val_dir={val_dir}"]
+    return compose("train", overrides)
 
 
 def data_dirs(args) -> tuple[str | None, str | None]:
@@ -221,13 +219,12 @@ def child_course(args) -> dict:
 def child_evaluate(args) -> dict:
     """evaluate.py's own path over K checkpoints vs decode once + K x inference in memory."""
     import torch
-    from omegaconf import OmegaConf
 
     from geektime import checkpoint
-    from geektime.config import find_conf_dir, to_plain
+    from geektime.config import to_plain
     from geektime.data import InputNormalizer, build_transform, decode_all, decode_size, ensure_digits, open_folder
     from geektime.engine import predict
-    from geektime.evaluate import evaluate_checkpoints
+    from geektime.evaluate import main as evaluate_main
     from geektime.models import build_model
     from geektime.train import build_optimizer
 
@@ -245,17 +242,14 @@ def child_evaluate(args) -> dict:
         optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     run = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     plain = to_plain(cfg)
+    saver = checkpoint.CheckpointSaver(run, epochs=args.checkpoints, save_interval=1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(1, args.checkpoints + 1):
-        checkpoint.save_atomic({"format_version": 1, "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                "classes": folder.classes, "image_size": list(size), "normalization": "imagenet",
-                                "transforms": plain["transforms"], "config": plain}, run / f"epoch_{epoch:03d}.pth")
-    eval_cfg = OmegaConf.load(find_conf_dir() / "evaluate.yaml")
-    del eval_cfg["defaults"], eval_cfg["hydra"]
-    eval_cfg.checkpoint, eval_cfg.data.val_dir, eval_cfg.trainer.threads = str(run), val_dir, args.threads
-    eval_cfg.data.batch_size = args.batch_size
+        saver.save(saver.state(model, optimizer, scaler, epoch, "all", folder.classes, size, plain, {}))
+    eval_cfg = compose("evaluate", [f"checkpoint={run}", f"data.val_dir={val_dir}", f"trainer.threads={args.threads}",
+                                    f"data.batch_size={args.batch_size}"])
     started = time.perf_counter()
-    evaluate_checkpoints(eval_cfg)
+    evaluate_main(eval_cfg)
     tool_seconds = time.perf_counter() - started
 
     # The limit: decode once, then K forward passes over tensors in memory (no files, no models rebuilt).
@@ -268,8 +262,9 @@ def child_evaluate(args) -> dict:
     model.to(memory_format=memory_format)
     normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     started = time.perf_counter()
+    batches = [(images[i:i + args.batch_size], None) for i in range(0, len(images), args.batch_size)]
     for _ in range(args.checkpoints):
-        predict(model, images, normalizer, torch.device("cpu"), args.batch_size)
+        predict(model, batches, normalizer, torch.device("cpu"))
     infer_seconds = time.perf_counter() - started
     n = len(paths) * args.checkpoints
     return {"images_per_s": n / tool_seconds, "limit_images_per_s": n / (decode_seconds + infer_seconds),

@@ -1,16 +1,18 @@
-"""EfficientNet B0-B8 with the module and state-dict layout of lukemelas/EfficientNet-PyTorch."""
+"""EfficientNet B0-B8 and Lite0-4 with the module and state-dict layout of lukemelas/EfficientNet-PyTorch."""
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .utils import (Conv2dSame, Swish, adapt_stem, check_model_name, drop_connect,
+from .utils import (Conv2dSame, Swish, activation, adapt_stem, check_model_name, drop_connect,
                     get_model_params, load_pretrained_weights, output_image_size, resolve_weights,
                     round_filters, round_repeats)
 
 
 class MBConvBlock(nn.Module):
-    """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite, 1x1 project.
+    """Mobile inverted bottleneck: 1x1 expand, depthwise conv, squeeze-excite (not in Lite), 1x1 project.
+
+    The nonlinearity is held in ``_swish`` whatever it is (ReLU6 in Lite), as the published code does.
 
     Args:
         block_args: a :class:`~efficientnet_pytorch.utils.BlockArgs` (already width-scaled).
@@ -44,7 +46,7 @@ class MBConvBlock(nn.Module):
         self._project_conv = nn.Conv2d(mid, out, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(out, **bn)
         self.id_skip = bool(block_args.id_skip) and s == 1 and inp == out
-        self._swish = Swish()
+        self._swish = activation(global_params)
 
     def forward(self, inputs: Tensor, drop_connect_rate: Optional[float] = None) -> Tensor:
         x = inputs
@@ -63,8 +65,9 @@ class MBConvBlock(nn.Module):
         return x
 
     def set_swish(self, memory_efficient: bool = True) -> None:
-        """Choose the swish flavour (see :class:`~efficientnet_pytorch.utils.Swish`)."""
-        self._swish = Swish(memory_efficient)
+        """Choose the swish flavour (see :class:`~efficientnet_pytorch.utils.Swish`); ReLU6 stays."""
+        if isinstance(self._swish, Swish):
+            self._swish = Swish(memory_efficient)
 
 
 class EfficientNet(nn.Module):
@@ -72,9 +75,11 @@ class EfficientNet(nn.Module):
 
     Built from a small table of B0 stages scaled by width/depth coefficients; modules,
     parameter names and numerics match the published implementation, so its
-    checkpoints load unchanged. Differences that only affect speed: "SAME" padding is
-    folded into the convolutions, swish is the fused ``F.silu`` (exportable), and the
-    model works well in ``channels_last``.
+    checkpoints load unchanged. ``efficientnet-lite0`` ... ``lite4`` (TF-Lite's variants,
+    layout of the efficientnet-lite-pytorch fork) drop squeeze-excitation, use ReLU6 and
+    keep the stem, the head and the first and last stages' repeats unscaled. Differences
+    that only affect speed: "SAME" padding is folded into the convolutions, swish is the
+    fused ``F.silu`` (exportable), and the model works well in ``channels_last``.
 
     Args:
         blocks_args: list of :class:`~efficientnet_pytorch.utils.BlockArgs` (unscaled).
@@ -107,16 +112,18 @@ class EfficientNet(nn.Module):
         bn = dict(momentum=1 - gp.batch_norm_momentum, eps=gp.batch_norm_epsilon)
         image_size = gp.image_size
 
-        stem = round_filters(32, gp)
+        fixed = bool(gp.fixed_stem_head)
+        stem = 32 if fixed else round_filters(32, gp)
         self._conv_stem = Conv2dSame(in_channels, stem, 3, stride=2, image_size=image_size)
         self._bn0 = nn.BatchNorm2d(stem, **bn)
         image_size = output_image_size(image_size, 2)
 
         blocks = []
-        for args in blocks_args:
-            args = args._replace(input_filters=round_filters(args.input_filters, gp),
+        for stage, args in enumerate(blocks_args):
+            edge = fixed and stage in (0, len(blocks_args) - 1)
+            args = args._replace(input_filters=stem if stage == 0 else round_filters(args.input_filters, gp),
                                  output_filters=round_filters(args.output_filters, gp),
-                                 num_repeat=round_repeats(args.num_repeat, gp))
+                                 num_repeat=args.num_repeat if edge else round_repeats(args.num_repeat, gp))
             for i in range(args.num_repeat):
                 if i == 1:  # repeats keep the stage's output width and resolution
                     args = args._replace(input_filters=args.output_filters, stride=1)
@@ -125,7 +132,7 @@ class EfficientNet(nn.Module):
                                                else args.stride[0])
         self._blocks = nn.ModuleList(blocks)
 
-        head = round_filters(1280, gp)
+        head = 1280 if fixed else round_filters(1280, gp)
         self._conv_head = nn.Conv2d(args.output_filters, head, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(head, **bn)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
@@ -134,7 +141,7 @@ class EfficientNet(nn.Module):
             self._dropout = nn.Dropout(gp.dropout_rate or 0.0)
             self._fc = nn.Linear(head, gp.num_classes)
         self._drop_connect_rate = float(gp.drop_connect_rate or 0.0)
-        self._swish = Swish()
+        self._swish = activation(gp)
 
     # ------------------------------------------------------------------ forward
     def _block_rate(self, idx: int) -> float:
@@ -142,7 +149,7 @@ class EfficientNet(nn.Module):
         return self._drop_connect_rate * float(idx) / len(self._blocks)
 
     def extract_features(self, inputs: Tensor) -> Tensor:
-        """Output of the final 1x1 conv + BN + swish, shape (N, C_head, H/32, W/32)."""
+        """Output of the final 1x1 conv + BN + activation, shape (N, C_head, H/32, W/32)."""
         x = self._swish(self._bn0(self._conv_stem(inputs)))
         for idx, block in enumerate(self._blocks):
             x = block(x, self._block_rate(idx))
@@ -174,8 +181,10 @@ class EfficientNet(nn.Module):
         """Use fused ``F.silu`` (True, default) or plain ``x * sigmoid(x)`` (False) everywhere.
 
         Both train, script and export; the published implementation needed False for export.
+        Lite models keep their ReLU6.
         """
-        self._swish = Swish(memory_efficient)
+        if isinstance(self._swish, Swish):
+            self._swish = Swish(memory_efficient)
         for block in self._blocks:
             block.set_swish(memory_efficient)
 
@@ -192,7 +201,7 @@ class EfficientNet(nn.Module):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_name(cls, model_name: str, in_channels: int = 3, **override_params) -> "EfficientNet":
-        """Build a randomly initialised ``efficientnet-b0`` ... ``efficientnet-b7`` (or b8).
+        """Build a randomly initialised ``efficientnet-b0`` ... ``b7`` (or b8) or ``efficientnet-lite0`` ... ``lite4``.
 
         Args:
             model_name: variant name; an unknown name raises a ValueError listing valid ones.
@@ -213,17 +222,25 @@ class EfficientNet(nn.Module):
         Args:
             model_name: variant name.
             weights_path: local checkpoint; default ``<torch.hub.get_dir()>/checkpoints/<published
-                file name>`` (downloaded there once if possible).
+                file name>``, else (lite0-2) the installed weights package, else (B0-B8) downloaded
+                into the hub cache once if possible.
             advprop: use the AdvProp weights (expect inputs scaled to [-1, 1], not ImageNet mean/std).
             in_channels: input channels; the pretrained RGB stem is adapted, not discarded.
             num_classes: classifier size; re-initialised when it differs from the checkpoint's.
             **override_params: as in :meth:`from_name`.
 
         Raises:
-            FileNotFoundError: no local file and no download possible (names file and directory).
+            FileNotFoundError: no local file and no download possible (names the package to install,
+                or the file and directory).
+            ValueError: no weights are published for the variant (lite3, lite4, b8 without advprop).
             RuntimeError: the checkpoint has missing or unexpected keys.
         """
-        path = resolve_weights(model_name, weights_path, advprop)  # fail fast, before building
+        try:  # fail fast, before building
+            path = resolve_weights(model_name, weights_path, advprop)
+        except FileNotFoundError as err:
+            if weights_path is not None:
+                raise
+            raise FileNotFoundError(f"{err} Or pass weights_path= with a local file.") from None
         model = cls.from_name(model_name, in_channels=in_channels, num_classes=num_classes,
                               **override_params)
         load_pretrained_weights(model, path, in_channels=in_channels)

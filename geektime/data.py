@@ -26,13 +26,23 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from geektime.config import ConfigError, auto_or_bool, cpu_count, resolved_image_size
-from geektime.images import IMAGE_EXTENSIONS, BadImageError, list_images, load_rgb, scan_images
+from geektime.config import auto_or_bool, resolved_image_size, workers_setting
+from geektime.errors import ConfigError
+from geektime.machine import cpu_count
+from geektime.images import IMAGE_EXTENSIONS, BadImageError, list_split, load_rgb, scan_images
+from geektime.predictions import printable
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) on 0..1 pixels per `model.normalization`: advprop maps to [-1, 1]; tflite is the TF-Lite
+# builder's (x - 127) / 128 on 0..255 pixels, what the EfficientNet-Lite weights were trained with.
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "advprop": ((0.5,) * 3, (0.5,) * 3),
+    "tflite": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
 
 
 # ---------------------------------------------------------------- the embedded default data
@@ -74,16 +84,25 @@ class ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder with our listing: hidden entries skipped, symlink loops safe, clear errors."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        # One walk of the split serves both steps (torchvision calls make_dataset right after this).
+        self.listing, passed_over = list_split(directory)
+        for path, why in passed_over:
+            log.warning("%s: %s", path, why)
+        # Folders starting with "_" are a tool's, not a class (geektime.download's _failed/, _images/).
+        classes = [name for name in self.listing if not name.startswith("_")]
         if not classes:
             raise ConfigError(f"{directory}: no class folders. Expected {directory}/<class name>/<image files>.")
+        unprintable = [printable(name) for name in classes if printable(name) != name]
+        if unprintable:  # a class name goes into logs, CSV columns, plots and exported models
+            raise ConfigError(
+                f"{directory}: class folder name(s) {', '.join(unprintable)} hold a line break, tab, control "
+                "character or bytes that are not UTF-8 (shown as %XX); rename the folder(s) to use them as classes.")
         return classes, {name: i for i, name in enumerate(classes)}
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples, empty = [], []
         for name, index in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
-            files = list_images(Path(directory) / name)
+            files = self.listing[name]
             if not files:
                 empty.append(name)
             samples.extend((str(f), index) for f in files)
@@ -97,6 +116,9 @@ class ImageFolder(datasets.ImageFolder):
 def open_folder(key: str, directory: Path | str, classes: Sequence[str] | None = None) -> ImageFolder:
     """An ImageFolder whose classes must equal `classes` when given (val must match train)."""
     folder = ImageFolder(str(directory), loader=load_rgb)
+    if len(folder.classes) < 2:
+        raise ConfigError(f"{key}={directory} has {len(folder.classes)} class folder ({folder.classes}); a classifier "
+                          "needs at least 2 (one sub-folder per class, e.g. cats/ and dogs/).")
     if classes is not None and list(folder.classes) != list(classes):
         raise ConfigError(
             f"{key}={directory} has classes {folder.classes} but the model's classes are {list(classes)}. "
@@ -124,6 +146,29 @@ class Letterbox:
         return f"Letterbox(size={self.size}, fill={self.fill})"
 
 
+class CoverCrop:
+    """Scale to cover (H, W) keeping the aspect ratio and take the centre: torchvision's Resize(max(H, W)) then
+    CenterCrop((H, W)), same sizes and offsets, but only the kept box is resampled. Resizing the whole image
+    first made a 20000x1 strip 4,480,000x224 pixels (3 GB) before the crop."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        height, width = self.size
+        side = max(self.size)
+        short, long = sorted(img.size)
+        scaled_long = int(side * long / short)  # torchvision's rounding (down)
+        new_w, new_h = (side, scaled_long) if img.width <= img.height else (scaled_long, side)
+        left, top = round((new_w - width) / 2), round((new_h - height) / 2)  # torchvision's CenterCrop offsets
+        sx, sy = img.width / new_w, img.height / new_h
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        return img.resize((width, height), Image.BILINEAR, box=box)
+
+    def __repr__(self) -> str:
+        return f"CoverCrop(size={self.size})"
+
+
 def view_size(tcfg, size: tuple[int, int], train: bool) -> tuple[int, int]:
     """The size of each image's deterministic view: twice the input size when training takes random resized
     crops of it (a crop is scaled up to the input size, so the view keeps detail in reserve)."""
@@ -143,7 +188,7 @@ def build_transform(tcfg, size: tuple[int, int], train: bool) -> Callable[[Image
     elif tcfg.name == "letterbox":
         steps = [Letterbox(size, tcfg.fill)]
     else:  # center_crop
-        steps = [v2.Resize(max(size)), v2.CenterCrop(size)]
+        steps = [CoverCrop(size)]
     return v2.Compose([*steps, v2.PILToTensor()])
 
 
@@ -168,13 +213,10 @@ def decode_size(tcfg, size: tuple[int, int], train: bool) -> tuple[int, int]:
 
 
 class InputNormalizer:
-    """uint8 NCHW batch on the device -> normalized float batch (advprop: x*2-1; else ImageNet mean/std)."""
+    """uint8 NCHW batch on the device -> normalized float batch, per NORMALIZATIONS."""
 
     def __init__(self, normalization: str, device: torch.device, channels_last: bool):
-        if normalization == "advprop":
-            mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        else:
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = NORMALIZATIONS[normalization]
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
         self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -293,7 +335,7 @@ def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size:
 def report_bad(key: str, bad: list[tuple[str, str]], policy: str, root: str) -> None:
     if not bad:
         return
-    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    listing = "\n".join(f"  {printable(path)}: {reason}" for path, reason in bad)
     if policy == "error":
         raise ConfigError(
             f"{key}: {len(bad)} unreadable image(s):\n{listing}\n"
@@ -309,14 +351,16 @@ def want_cache(dcfg, count: int, size: tuple[int, int]) -> bool:
     return count * 3 * size[0] * size[1] <= float(dcfg.cache_max_gb) * 2**30
 
 
-def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int], train: bool,
-               workers: int | None = None, progress: bool = True, seed: int = 0) -> ImageSplit:
-    """A split's views decoded once and cached when they fit in `data.cache_max_gb`, else decoded on access."""
+def load_split(key: str, paths: list[str], targets: Sequence[int], root: str, tcfg, dcfg, size: tuple[int, int],
+               train: bool, workers: int | None = None, progress: bool = True, seed: int = 0) -> ImageSplit:
+    """The one way images become a split, for training, evaluation and unlabeled prediction alike.
+
+    The views are decoded once and cached when they fit in `data.cache_max_gb`, else decoded on access in
+    DataLoader workers; unusable files follow `data.on_bad_image` (targets -1: unlabeled)."""
     transform = build_transform(tcfg, size, train)
     augmentation = build_augmentation(tcfg, size, train)
     min_size, cached_size = decode_size(tcfg, size, train), view_size(tcfg, size, train)
-    paths = [p for p, _ in folder.samples]
-    targets = torch.tensor(folder.targets, dtype=torch.long)
+    targets = torch.as_tensor(list(targets), dtype=torch.long)
     if want_cache(dcfg, len(paths), cached_size):
         images, bad = decode_all(paths, transform, min_size, cached_size, workers, desc=f"decoding {key}",
                                  progress=progress)
@@ -324,7 +368,7 @@ def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int],
         images = None
         bad = [(str(p), reason) for p, reason in scan_images([Path(p) for p in paths], workers=workers,
                                                               progress=progress)]
-    report_bad(key, bad, dcfg.on_bad_image, folder.root)
+    report_bad(key, bad, dcfg.on_bad_image, root)
     if bad:
         unusable = {p for p, _ in bad}
         keep = [i for i, p in enumerate(paths) if p not in unusable]
@@ -333,6 +377,12 @@ def load_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int],
     if images is None:
         return FileImages(paths, targets, transform, min_size, augmentation, seed)
     return DecodedImages(images, targets, paths, augmentation, seed)
+
+
+def eval_loader(split: ImageSplit, dcfg, processes: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A split in order (this process's shard of it), for evaluation and prediction."""
+    return DataLoader(split, batch_size=dcfg.batch_size, sampler=list(range(rank, len(split), processes)),
+                      num_workers=loader_workers(dcfg, split, processes), pin_memory=pin_memory)
 
 
 @dataclass
@@ -347,11 +397,17 @@ class Data:
 
 
 def loader_workers(dcfg, dataset: Dataset, processes: int = 1) -> int:
-    if dcfg.num_workers != "auto":
-        return int(dcfg.num_workers)
+    if (workers := workers_setting("data.num_workers", dcfg.num_workers)) is not None:
+        return workers
     if isinstance(dataset, DecodedImages) and dataset.augmentation is None:
         return 0  # indexing a tensor: a worker would only add copies
     return max(1, min(4, cpu_count() // processes))
+
+
+def folder_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int], train: bool,
+                 workers: int | None = None, progress: bool = True, seed: int = 0) -> ImageSplit:
+    return load_split(key, [p for p, _ in folder.samples], folder.targets, folder.root, tcfg, dcfg, size, train,
+                      workers, progress, seed)
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Data:
@@ -363,11 +419,13 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
     train_folder = open_folder("data.train_dir", train_dir)
     val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
     decode_workers = max(1, cpu_count() // world_size)
-    train = load_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers, rank == 0,
-                       seed=cfg.trainer.seed)
-    val = load_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers, rank == 0)
-    if len(train) == 0 or len(val) == 0:
-        raise ConfigError(f"no usable images left in {'data.train_dir' if len(train) == 0 else 'data.val_dir'}")
+    train = folder_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers,
+                         rank == 0, seed=cfg.trainer.seed)
+    val = folder_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers, rank == 0)
+    if len(train) < 2 * world_size or len(val) == 0:
+        key, count = ("data.train_dir", len(train)) if len(train) < 2 * world_size else ("data.val_dir", len(val))
+        raise ConfigError(f"{key}: {count} usable image(s); training needs at least 2 per process "
+                          "(BatchNorm needs two images in a batch) and evaluation at least 1. Add images.")
 
     # One sampler for one or many processes: shuffles by (seed, epoch), so a resumed run sees the same order.
     train_sampler = EpochSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.trainer.seed)
@@ -376,9 +434,7 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
     # (2 cores), as each epoch no longer starts with cold workers and an empty prefetch queue.
     train_loader = DataLoader(
         train, batch_size=cfg.data.batch_size, sampler=train_sampler, num_workers=train_workers,
-        pin_memory=pin_memory, drop_last=len(train) // world_size > cfg.data.batch_size,
+        pin_memory=pin_memory, drop_last=len(train_sampler) > cfg.data.batch_size,
         prefetch_factor=4 if train_workers else None, persistent_workers=train_workers > 0)
-    val_loader = DataLoader(
-        val, batch_size=cfg.data.batch_size, sampler=list(range(rank, len(val), world_size)),
-        num_workers=loader_workers(cfg.data, val, world_size), pin_memory=pin_memory)
+    val_loader = eval_loader(val, cfg.data, world_size, rank, pin_memory)
     return Data(list(train_folder.classes), size, train, val, train_loader, val_loader, train_sampler)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from geektime.config import ConfigError
+from geektime.machine import resolve_device
 
 
 @dataclass
@@ -25,31 +25,6 @@ class Processes:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps -> a device that exists, or a clear error."""
-    setting = str(setting)
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    if setting == "cpu":
-        return torch.device("cpu")
-    if setting.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={setting}: no CUDA GPU is visible to PyTorch on this machine "
-                              f"(torch {torch.__version__}). Use trainer.device=cpu or trainer.device=auto.")
-        index = int(setting.split(":", 1)[1]) if ":" in setting else local_rank
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"trainer.device={setting}: only {torch.cuda.device_count()} GPU(s) visible "
-                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-        return torch.device("cuda", index)
-    if setting == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError("trainer.device=mps: Apple's MPS backend is not available here. Use trainer.device=cpu.")
-        return torch.device("mps")
-    raise ConfigError(f"trainer.device={setting!r} is not one of: auto, cpu, cuda, cuda:N, mps")
 
 
 def _submitit_tasks() -> int:

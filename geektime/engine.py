@@ -1,4 +1,4 @@
-"""One function per phase: `train_one_epoch`, `evaluate`, `predict`.
+"""One function per phase: `train_one_epoch`, `evaluate`, `predict`, each over a DataLoader.
 
 The hot path never waits on the device: running sums stay on the device and are read only every
 `log_interval` steps, which is also when a non-finite loss is noticed (and named by its step).
@@ -14,9 +14,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf: training cannot go on from these weights."""
+from geektime import testpoints
+from geektime.errors import NonFiniteLossError
+from geektime.metrics import scores
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -35,14 +35,20 @@ def _progress(loader, epoch: int, phase: str, enabled: bool):
 
 
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scaler, normalizer, device: torch.device,
-                    epoch: int, amp: bool = False, log_interval: int = 10, show_progress: bool = True) -> dict:
-    """Returns train loss and accuracy over all processes' samples, images/s and seconds."""
+                    epoch: int, amp: bool = False, log_interval: int = 10, show_progress: bool = True,
+                    set_lr=None) -> dict:
+    """Returns train loss and accuracy over all processes' samples, images/s and seconds.
+
+    `set_lr(step)`, when given, sets the learning rate before each step (a per-step schedule such as
+    one-cycle); `step` counts from the start of this epoch."""
     model.train()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
     start = time.perf_counter()
     bar = _progress(loader, epoch, "train", show_progress)
     for step, (images, targets) in enumerate(bar):
+        if set_lr is not None:
+            set_lr(step)
         images = normalizer(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp):
@@ -52,6 +58,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scaler, norm
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        testpoints.reached("train_step")
 
         loss = loss.detach()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
@@ -73,22 +80,6 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scaler, norm
             "train_images_per_s": count / seconds, "train_seconds": seconds}
 
 
-def confusion_metrics(confusion: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy and per-class precision/recall from a confusion matrix (rows: truth, columns: prediction)."""
-    confusion = confusion.double()
-    hits = confusion.diag()
-    predicted, actual = confusion.sum(0), confusion.sum(1)
-    metrics = {"val_acc": (hits.sum() / confusion.sum()).item()}
-    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
-    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.zeros_like(hits))
-    for i, name in enumerate(classes):
-        metrics[f"{name}_precision"] = precision[i].item()
-        metrics[f"{name}_recall"] = recall[i].item()
-    metrics["macro_precision"] = precision.mean().item()
-    metrics["macro_recall"] = recall.mean().item()
-    return metrics
-
-
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, criterion, normalizer, device: torch.device, classes: list[str],
              epoch: int = 0, amp: bool = False, show_progress: bool = True) -> dict:
@@ -106,22 +97,23 @@ def evaluate(model: nn.Module, loader, criterion, normalizer, device: torch.devi
         confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
     _all_reduce(loss_sum)
     _all_reduce(confusion)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    count = confusion.sum().item()
-    metrics = {"val_loss": loss_sum.item() / count if count else math.nan}
-    metrics.update(confusion_metrics(confusion, classes))
-    metrics["confusion"] = confusion.long().tolist()
+    confusion = confusion.view(num_classes, num_classes).long().cpu().numpy()
+    count = int(confusion.sum())
+    figures = scores(confusion, classes)
+    metrics = {"val_loss": loss_sum.item() / count if count else math.nan, "val_acc": figures.pop("accuracy")}
+    metrics.update(figures)
+    metrics["confusion"] = confusion.tolist()
     return metrics
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, normalizer, device: torch.device, batch_size: int,
-            amp: bool = False) -> torch.Tensor:
-    """Softmax probabilities for a uint8 image stack already in memory, in its order."""
+def predict(model: nn.Module, loader, normalizer, device: torch.device, amp: bool = False,
+            show_progress: bool = False) -> torch.Tensor:
+    """Softmax probabilities for every image the loader yields, in its order."""
     model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = normalizer(images[start:start + batch_size].to(device, non_blocking=True))
+    for images, _ in tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not show_progress):
+        batch = normalizer(images.to(device, non_blocking=True))
         with _autocast(device, amp):
             out.append(model(batch).float().softmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0)

@@ -1,33 +1,89 @@
-"""Metrics from prediction txt files: reports, per-epoch tables, checkpoint selection, thresholds.
+"""Classification metrics, their one set of names, and choosing the best epoch or checkpoint.
 
-Everything here works on :class:`~geektime.predictions.Predictions` or on the report dicts made
-from them, so it needs no model. Unlabeled images (all-zero truth) are left out of every metric.
-Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so no display is needed
-and the global backend is left alone.
+`scores` turns a confusion matrix into accuracy and per-class / macro precision, recall and F1 under the
+names every consumer uses (`<class>_precision`, `macro_recall`, ...): the trainer's per-epoch log and
+metrics.csv, the evaluator's reports, and the sweep summary. `pick_best` is the one rule for "best"
+(a loss: lowest; anything else: highest; floors; ties to the earlier row; NaN never wins), used by
+the trainer's result.json and the evaluator's checkpoint selection alike.
+
+The reports, tables and thresholds work on prediction txt files (:class:`~geektime.predictions.Predictions`),
+so they need no model; unlabeled images (all-zero truth) are left out of every metric. Figures are drawn on
+matplotlib's Agg canvas directly, without pyplot, so no display is needed and the global backend is left alone.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn import metrics as skm
 
+from geektime.errors import SelectionError
 from geektime.predictions import Predictions, class_index
 
 METRICS = ("precision", "recall", "f1", "accuracy")
 _EPOCH_RE = re.compile(r"epoch_(\d+)")
 
 
-class SelectionError(ValueError):
-    """No checkpoint can be selected, e.g. because none meets the requested floor."""
+def _figure(**kwargs):
+    """A matplotlib Figure on the Agg canvas (imported here: training never pays for matplotlib)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts; rows: the true class, columns: the predicted one."""
+    flat = np.asarray(targets, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores(confusion: np.ndarray, classes: Sequence[str]) -> dict:
+    """accuracy, `<class>_precision|recall|f1|support`, `macro_*` and `weighted_*` from a confusion matrix.
+
+    A class never predicted has precision 0, one never present recall 0 (scikit-learn's zero_division=0),
+    and every class counts in the macro average."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    hits, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, hits / predicted, 0.0)
+        recall = np.where(actual > 0, hits / actual, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    total = confusion.sum()
+    out = {"accuracy": float(hits.sum() / total) if total else float("nan")}
+    for i, name in enumerate(classes):
+        out.update({f"{name}_precision": float(precision[i]), f"{name}_recall": float(recall[i]),
+                    f"{name}_f1": float(f1[i]), f"{name}_support": int(actual[i])})
+    weights = actual / total if total else np.zeros_like(actual)
+    for metric, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+        out[f"macro_{metric}"] = float(values.mean())
+        out[f"weighted_{metric}"] = float((values * weights).sum())
+    return out
+
+
+def pick_best(rows: Sequence[dict], key: str, floors: dict[str, float] | None = None) -> dict | None:
+    """The row with the best `key` among those meeting every floor (`{name: minimum}`), or None.
+
+    A loss (a key ending in "loss") is best lowest, anything else highest; NaN or missing never wins;
+    ties go to the earlier row, so callers pass rows in epoch (then job) order."""
+    floors = floors or {}
+    sign = -1.0 if key.endswith("loss") else 1.0
+    best, best_value = None, None
+    for row in rows:
+        value = row.get(key)
+        if value is None or not math.isfinite(value) or any(row.get(k, -math.inf) < v for k, v in floors.items()):
+            continue
+        if best is None or sign * value > best_value:
+            best, best_value = row, sign * value
+    return best
 
 
 def _labeled(pred: Predictions) -> np.ndarray:
@@ -38,39 +94,22 @@ def _labeled(pred: Predictions) -> np.ndarray:
 
 
 def classification_report(pred: Predictions) -> dict:
-    """Per-class precision/recall/F1/support, accuracy, averages and confusion matrix.
+    """Per-class precision/recall/F1/support, accuracy, averages and confusion matrix, from :func:`scores`.
 
-    Plain floats, ints and lists, so the dict goes straight to JSON. A class with no labeled
-    image and no prediction scores 0 and still counts in the macro average.
-    """
+    Plain floats, ints and lists, so the dict goes straight to JSON."""
     mask = _labeled(pred)
-    y_true, y_pred = pred.targets[mask], pred.predicted[mask]
-    labels = list(range(len(pred.classes)))
-
-    def scores(average: str | None) -> tuple:
-        return skm.precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average=average, zero_division=0
-        )
-
-    precision, recall, f1, support = scores(None)
-    averages = {}
-    for average in ("macro", "weighted"):
-        p, r, f, _ = scores(average)
-        averages[average] = {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(mask.sum())}
+    classes = list(pred.classes)
+    confusion = confusion_matrix(pred.targets[mask], pred.predicted[mask], len(classes))
+    flat = scores(confusion, classes)
+    support = int(mask.sum())
     return {
-        "classes": list(pred.classes),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(pred.classes)
-        },
-        **averages,
-        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "classes": classes,
+        "accuracy": flat["accuracy"],
+        "per_class": {name: {m: flat[f"{name}_{m}"] for m in ("precision", "recall", "f1", "support")}
+                      for name in classes},
+        **{average: {"precision": flat[f"{average}_precision"], "recall": flat[f"{average}_recall"],
+                     "f1": flat[f"{average}_f1"], "support": support} for average in ("macro", "weighted")},
+        "confusion_matrix": confusion.tolist(),
         "num_images": len(pred.paths),
         "num_unlabeled": int((~mask).sum()),
     }
@@ -110,8 +149,7 @@ def save_confusion_png(report: dict, path: str | os.PathLike) -> None:
     """Confusion matrix as a heat map, with counts written in the cells while they stay legible."""
     classes, matrix = report["classes"], np.array(report["confusion_matrix"])
     side = min(4 + 0.5 * len(classes), 40)
-    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(side + 1.5, side), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
@@ -141,7 +179,7 @@ def write_report(pred: Predictions, txt_path: str | os.PathLike, confusion_png: 
     txt_path = Path(txt_path)
     report = classification_report(pred)
     json_path = txt_path.with_name(f"{txt_path.stem}.json")
-    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if confusion_png:
         save_confusion_png(report, confusion_png_path(txt_path))
     return report
@@ -221,28 +259,26 @@ def select_best(
 
     candidates = []
     for checkpoint, report in rows:
-        scores = report["per_class"][positive] if positive is not None else report["macro"]
+        chosen = report["per_class"][positive] if positive is not None else report["macro"]
         candidates.append(
             {
                 "checkpoint": checkpoint,
                 "epoch": _epoch(checkpoint),
-                "precision": scores["precision"],
-                "recall": scores["recall"],
-                "f1": scores["f1"],
+                "precision": chosen["precision"],
+                "recall": chosen["recall"],
+                "f1": chosen["f1"],
                 "accuracy": report["accuracy"],
             }
         )
-    # Stable sort, so max() below, which keeps the first maximum, prefers the earlier epoch.
     candidates.sort(key=lambda c: (c["epoch"] is None, c["epoch"] or 0))
-    eligible = [c for c in candidates if all(c[name] >= floor for name, floor in floors.items())]
-    if not eligible:
+    best = pick_best(candidates, metric, floors)
+    if best is None:
         wanted = " and ".join(f"{name} >= {floor}" for name, floor in floors.items())
         reached = []
         for name in floors:
-            top = max(candidates, key=lambda c: c[name])
+            top = pick_best(candidates, name)
             reached.append(f"the best {name} reached is {top[name]:.5f} by {top['checkpoint']}")
         raise SelectionError(f"no checkpoint has {wanted} ({scope}); {'; '.join(reached)}")
-    best = max(eligible, key=lambda c: c[metric])
     return {
         **best,
         "metric": metric,
@@ -277,7 +313,9 @@ def threshold_table(pred: Predictions, positive: str) -> list[tuple[float, float
     y_true = pred.targets[mask] == k
     if not y_true.any():
         raise ValueError(f"no labeled image of class {positive!r}, so recall is undefined")
-    precision, recall, thresholds = skm.precision_recall_curve(y_true, pred.probs[mask, k])
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(y_true, pred.probs[mask, k])
     # precision/recall end with an extra (1, 0) point that has no threshold; zip drops it.
     return [(float(t), float(p), float(r)) for t, p, r in zip(thresholds, precision, recall)]
 
@@ -327,8 +365,7 @@ def write_threshold_outputs(pred: Predictions, positive: str, txt_path: str | os
     _write_csv(csv_path, [("threshold", "precision", "recall"), *table])
 
     thresholds, precision, recall = np.array(table).T
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(figsize=(10, 4.5), layout="constrained")
     curve, by_threshold = fig.subplots(1, 2)
     curve.plot(recall, precision, drawstyle="steps-post", marker=".")
     curve.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))

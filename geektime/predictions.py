@@ -6,12 +6,26 @@ One line per image, for C classes::
     # checkpoint: epoch_003.pth
     0.64460 0.35540 1 0 1 0 ./data/val/logo/13.jpeg
 
-C probabilities (5 decimals, in class order), the C-wide one-hot of the true class (all zeros
-for an unlabeled image), the C-wide one-hot of the predicted class, then the image path. The
-path is everything after the 3C-th field, so spaces and non-ASCII characters survive. Lines
-starting with ``#`` are comments; ``# key: value`` comments form the header, and ``classes`` is
-required. A person may edit the file by hand (say, to fix a wrong label), so the reader keeps
-both one-hot blocks as written and only checks that each one is well formed.
+C probabilities (5 decimals, in class order, summing to 1), the C-wide one-hot of the true class
+(all zeros for an unlabeled image), the C-wide one-hot of the predicted class, then the image
+path. The path is everything after the 3C-th field, so spaces and non-ASCII characters survive.
+Lines starting with ``#`` are comments; ``# key: value`` comments form the header, and
+``classes`` is required. A person may edit the file by hand (say, to fix a wrong label), so the
+reader keeps both one-hot blocks as written and only checks that each one is well formed, that
+each row sums to 1 and that no path appears twice.
+
+Names a line cannot hold as they are (a class folder named "big cat", a file name with a line
+break or with bytes that are not UTF-8, a path starting or ending with a space) are written
+percent-escaped, and the file then says so in its header::
+
+    # classes: big%20cat dog
+    # escaping: percent
+    0.90000 0.10000 1 0 1 0 ./val/big%20cat/two%0Alines.jpg
+
+In such a file every class name, path and header value is read with ``%XX`` standing for the
+byte XX (a ``%`` not followed by two hex digits is itself) and the bytes decoded as the file
+system does (os.fsdecode), so any name round-trips; ``%`` itself is written ``%25``. A file
+whose names need no escaping is written without the header, exactly as before.
 """
 
 from __future__ import annotations
@@ -23,11 +37,18 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 
 _HEADER_RE = re.compile(r"#\s*([A-Za-z0-9_.-]+)\s*:\s*(.*)")
 _HEADER_KEY_RE = re.compile(r"[A-Za-z0-9_.-]+")
+ESCAPING = "percent"  # the value of the "# escaping:" header of a file with escaped names
+_RESERVED = ("classes", "escaping")  # header keys the format itself writes
+# Characters a line cannot carry as they are: control characters (line breaks, tabs, ...), the line and
+# paragraph separators that editors break lines at, and lone surrogates (os.fsdecode's stand-ins for bytes
+# that are not UTF-8).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class PredictionFormatError(ValueError):
@@ -43,7 +64,7 @@ class Predictions:
     targets: np.ndarray  # (N,) int, -1 = unlabeled
     predicted: np.ndarray  # (N,) int
     paths: list[str]
-    header: dict[str, str]  # every "# key: value" line except classes
+    header: dict[str, str]  # every "# key: value" line except classes and escaping
 
 
 def class_index(classes: Sequence[str], name: str) -> int:
@@ -57,14 +78,55 @@ def _check_classes(classes: Sequence[str]) -> None:
     if not classes:
         raise ValueError("classes is empty")
     for name in classes:
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            raise ValueError(
-                f"class name {name!r} is empty or contains whitespace; the txt header separates "
-                "class names with spaces"
-            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"class name {name!r} must be a non-empty string")
     duplicates = sorted(name for name, n in Counter(classes).items() if n > 1)
     if duplicates:
-        raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+        raise ValueError(f"duplicate class names: {', '.join(printable(d) for d in duplicates)}")
+
+
+def _needs_escaping(text: str, spaces: bool) -> bool:
+    """Whether `text` must be escaped to survive a line: unsafe characters, surrounding whitespace, or (for a
+    class name, `spaces`) whitespace anywhere."""
+    return bool(_UNSAFE.search(text)) or text != text.strip() or (spaces and any(c.isspace() for c in text))
+
+
+def _escape(text: str, spaces: bool) -> str:
+    """Percent-escape "%" and what _needs_escaping objects to, keeping everything else as it is."""
+    inner = range(len(text) - len(text.lstrip()), len(text.rstrip()))
+    out = []
+    for i, char in enumerate(text):
+        if char == "%" or _UNSAFE.match(char) or (char.isspace() and (spaces or i not in inner)):
+            out.append(_percent(char))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _unescape(text: str) -> str:
+    return os.fsdecode(unquote_to_bytes(text))
+
+
+def printable(text: str | os.PathLike) -> str:
+    """`text` on one printable line: control characters, line breaks and undecodable bytes as %XX.
+
+    For showing a path or class name to a person (a table, a log, an HTML page); unlike the txt's escaping,
+    "%" and spaces are left as they are, so ordinary names read unchanged."""
+    return _UNSAFE.sub(lambda m: _percent(m.group()), os.fspath(text))
+
+
+def _percent(char: str) -> str:
+    """%XX for each byte of `char` as the file system stores it (a lone surrogate no file name holds: UTF-8)."""
+    try:
+        data = os.fsencode(char)
+    except UnicodeEncodeError:
+        data = char.encode("utf-8", "surrogatepass")
+    return "".join(f"%{byte:02X}" for byte in data)
+
+
+def _row_sum_tolerance(num_classes: int) -> float:
+    """How far from 1 a row of probabilities written with 5 decimals may sum: each rounds by up to 0.5e-5."""
+    return num_classes * 0.5e-5 + 1e-6
 
 
 def write_predictions(
@@ -96,28 +158,42 @@ def write_predictions(
         raise ValueError(f"targets must be class indices in [0, {num_classes}) or -1 (unlabeled)")
     if len(paths) != len(probs):
         raise ValueError(f"got {len(paths)} paths for {len(probs)} rows of probs")
-    for image_path in paths:
-        if not image_path or "\n" in image_path or "\r" in image_path or image_path != image_path.strip():
-            raise ValueError(
-                f"image path {image_path!r} is empty, contains a line break or starts/ends with "
-                "whitespace, so it cannot be stored on one line"
-            )
+    if any(not p for p in paths):
+        raise ValueError("an image path is empty")
+    duplicates = sorted(printable(p) for p, n in Counter(paths).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"image paths appear more than once: {', '.join(duplicates)}")
+    header = {key: str(value) for key, value in (header or {}).items()}
+    for key in header:
+        if key in _RESERVED or not _HEADER_KEY_RE.fullmatch(key):
+            raise ValueError(f"bad header item {key!r} (keys are [A-Za-z0-9_.-]+ other than {' and '.join(_RESERVED)})")
+    for text in [*classes, *paths, *header.values()]:
+        try:
+            os.fsencode(text)
+        except UnicodeEncodeError:
+            raise ValueError(f"{printable(text)!r} holds a lone surrogate, which no file name can hold") from None
+    escaped = (any(_needs_escaping(c, spaces=True) for c in classes)
+               or any(_needs_escaping(p, spaces=False) for p in [*paths, *header.values()]))
 
-    lines = ["# classes: " + " ".join(classes)]
-    for key, value in (header or {}).items():
-        value = str(value)
-        if key == "classes" or not _HEADER_KEY_RE.fullmatch(key) or "\n" in value or "\r" in value:
-            raise ValueError(
-                f"bad header item {key!r}: {value!r} (keys are [A-Za-z0-9_.-]+ other than "
-                "'classes'; values are one line)"
-            )
-        lines.append(f"# {key}: {value.strip()}")
+    def out(text: str, spaces: bool = False) -> str:
+        return _escape(text, spaces) if escaped else text
+
+    lines = ["# classes: " + " ".join(out(c, spaces=True) for c in classes)]
+    if escaped:
+        lines.append(f"# escaping: {ESCAPING}")
+    lines += [f"# {key}: {out(value)}" for key, value in header.items()]
     eye = np.eye(num_classes, dtype=np.int64)
     no_label = np.zeros(num_classes, dtype=np.int64)
-    for p, t, k, image_path in zip(probs, targets, probs.argmax(axis=1), paths):
+    tolerance = _row_sum_tolerance(num_classes)
+    for row, (p, t, k, image_path) in enumerate(zip(probs, targets, probs.argmax(axis=1), paths)):
+        written = [f"{x:.5f}" for x in p]
+        total = sum(float(x) for x in written)
+        if abs(total - 1) > tolerance:
+            raise ValueError(f"probs row {row} ({printable(image_path)}) sums to {total:.5f}, not 1 "
+                             "(apply softmax to logits first)")
         truth = eye[t] if t >= 0 else no_label
-        fields = [f"{x:.5f}" for x in p] + [str(x) for x in truth] + [str(x) for x in eye[k]]
-        lines.append(" ".join(fields) + " " + image_path)
+        fields = written + [str(x) for x in truth] + [str(x) for x in eye[k]]
+        lines.append(" ".join(fields) + " " + out(image_path))
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,9 +225,15 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
     """Read a prediction txt, checking every line; errors name the file and line number."""
     header: dict[str, str] = {}
     classes: list[str] | None = None
-    probs, targets, predicted, paths = [], [], [], []
+    probs, targets, predicted, paths, path_lines = [], [], [], [], []
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = data[: err.start].count(b"\n") + 1
+        raise PredictionFormatError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{data[err.start]:02X}); save the file as UTF-8") from None
     # Split on "\n" only: str.splitlines() would also break paths at characters like U+2028.
-    text = Path(path).read_text(encoding="utf-8-sig")
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
         where = f"{path}:{lineno}"
@@ -164,14 +246,13 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
             key, value = match.groups()
             if key in header or (key == "classes" and classes is not None):
                 raise PredictionFormatError(f"{where}: header {key!r} appears twice")
+            if key == "escaping" and value != ESCAPING:
+                raise PredictionFormatError(f"{where}: unknown escaping {value!r}; this version reads {ESCAPING!r}")
             if key != "classes":
                 header[key] = value
                 continue
             classes = value.split()
-            try:
-                _check_classes(classes)
-            except ValueError as e:
-                raise PredictionFormatError(f"{where}: {e}") from None
+            classes_line = lineno
             continue
         if classes is None:
             raise PredictionFormatError(
@@ -188,6 +269,8 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
             p = [float(x) for x in fields[:c]]
             if not all(0.0 <= x <= 1.0 for x in p):  # also rejects nan
                 raise ValueError(f"probabilities {' '.join(fields[:c])!r} must lie in [0, 1]")
+            if abs(sum(p) - 1) > _row_sum_tolerance(c):
+                raise ValueError(f"probabilities {' '.join(fields[:c])!r} sum to {sum(p):.5f}, not 1")
             t = _one_hot(fields[c : 2 * c], allow_zero=True)
             k = _one_hot(fields[2 * c : 3 * c], allow_zero=False)
         except ValueError as e:
@@ -196,8 +279,24 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
         targets.append(t)
         predicted.append(k)
         paths.append(fields[-1])
+        path_lines.append(lineno)
     if classes is None:
         raise PredictionFormatError(f"{path}: no '# classes: <name> <name> ...' header")
+    if header.pop("escaping", None) is not None:
+        classes = [_unescape(name) for name in classes]
+        paths = [_unescape(p) for p in paths]
+        header = {key: _unescape(value) for key, value in header.items()}
+    try:
+        _check_classes(classes)
+    except ValueError as e:
+        raise PredictionFormatError(f"{path}:{classes_line}: {e}") from None
+    first_line: dict[str, int] = {}
+    for image_path, lineno in zip(paths, path_lines):
+        if image_path in first_line:
+            raise PredictionFormatError(
+                f"{path}:{lineno}: image {printable(image_path)!r} appears twice, on lines {first_line[image_path]} "
+                f"and {lineno}; keep one of them")
+        first_line[image_path] = lineno
     return Predictions(
         classes=classes,
         probs=np.array(probs, dtype=np.float64).reshape(-1, len(classes)),

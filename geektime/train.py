@@ -1,7 +1,6 @@
 """A training run: config -> data -> model -> epochs (train, evaluate, log, checkpoint) -> result."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -18,33 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from geektime import checkpoint, distributed
-from geektime.config import ConfigError, cpu_count, to_plain, validate_train_config
+from geektime import checkpoint, distributed, runs
+from geektime.config import to_plain, validate_train_config
 from geektime.data import InputNormalizer, build_data
-from geektime.engine import NonFiniteLossError, evaluate, train_one_epoch
+from geektime.engine import evaluate, train_one_epoch
+from geektime.errors import EXPECTED_FAILURES, ConfigError, NonFiniteLossError, RunFolderError
+from geektime.hparams import METRICS as HPARAMS_METRICS
+from geektime.hparams import log_hparams, run_hparams
+from geektime.machine import default_threads
+from geektime.metrics import pick_best
 from geektime.models import build_model, channels_last_pays, unwrap
 
 log = logging.getLogger("geektime.train")
-
-FAILURES = (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, OSError)
-
-
-JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-
-
-def default_threads(local_processes: int) -> int:
-    """Torch threads per process when trainer.threads is null: this machine's cores, shared out.
-
-    Shared by torchrun's processes on this machine, and by the jobs a joblib launcher
-    (hydra/launcher=joblib) runs side by side: hydra.launcher.n_jobs of them (-1: one per core).
-    """
-    cores, parallel = cpu_count(), local_processes
-    if HydraConfig.initialized():
-        launcher = HydraConfig.get().launcher
-        if launcher.get("_target_") == JOBLIB_LAUNCHER:
-            n_jobs = int(launcher.get("n_jobs") or 1)
-            parallel *= n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's meaning of -1, -2, ...
-    return max(1, cores // parallel)
 
 
 def seed_everything(seed: int) -> None:
@@ -67,7 +51,7 @@ def lr_factor(scfg, epochs: int, lr: float):
     """The lr multiplier after `done` epochs: linear warm-up, then none | step | cosine.
 
     A pure function of the epoch count, so a resumed run (even one given more epochs) follows the
-    schedule its config describes; LambdaLR saves only the position in it.
+    schedule its config describes, and a checkpoint needs no scheduler state.
     """
     warmup = min(int(scfg.get("warmup_epochs", 0)), epochs - 1)
     start = float(scfg.get("warmup_start_factor", 0.1))
@@ -104,37 +88,6 @@ def metric_columns(classes: list[str]) -> list[str]:
             "macro_precision", "macro_recall", "train_images_per_s", "epoch_seconds"]
 
 
-def write_metrics_row(path: Path, columns: list[str], row: dict, keep_up_to: int) -> None:
-    """Append one epoch; rows after `keep_up_to` (left by a run killed before its checkpoint) are dropped."""
-    rows = []
-    if path.exists():
-        with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= keep_up_to]
-    rows.append({k: row.get(k, "") for k in columns})
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-
-
-def best_row(rows: list[dict], metric: str) -> dict | None:
-    """The best epoch by `metric` (val_loss: lowest; others: highest); ties go to the earlier epoch."""
-    rows = [r for r in rows if metric in r and not math.isnan(r[metric])]
-    if not rows:
-        return None
-    sign = -1 if metric.endswith("loss") else 1
-    return max(rows, key=lambda r: (sign * r[metric], -r["epoch"]))
-
-
 def log_epoch(epoch: int, epochs: int, row: dict, classes: list[str]) -> None:
     per_class = "  ".join(f"{c} P {row[f'{c}_precision']:.3f} R {row[f'{c}_recall']:.3f}" for c in classes[:8])
     log.info("epoch %d/%d  lr %.5f  train loss %.4f acc %.4f  |  val loss %.4f acc %.4f  |  %s  |  %.1f img/s",
@@ -142,21 +95,22 @@ def log_epoch(epoch: int, epochs: int, row: dict, classes: list[str]) -> None:
              per_class + ("  ..." if len(classes) > 8 else ""), row["train_images_per_s"])
 
 
-def save_checkpoints(run_dir: Path, state: dict, epoch: int, epochs: int, save_interval: int) -> None:
-    """epoch_NNN.pth every `save_interval` epochs and at the end; last.pth always (a hard link when possible)."""
-    last = run_dir / "last.pth"
-    if epoch % save_interval == 0 or epoch == epochs:
-        target = run_dir / checkpoint.epoch_name(epoch)
-        checkpoint.save_atomic(state, target)
-        tmp = run_dir / ".last.pth.link"
-        tmp.unlink(missing_ok=True)
+def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool, procs: distributed.Processes) -> None:
+    """Rank 0 checks (and with overwrite, clears) the run folder; every rank stops alike when it is refused."""
+    problem = None
+    if procs.is_main:
         try:
-            tmp.hardlink_to(target)
-            tmp.replace(last)
-            return
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    checkpoint.save_atomic(state, last)
+            runs.prepare(run_dir, resuming, overwrite)
+        except RunFolderError as err:
+            problem = str(err)
+    problem = distributed.broadcast_object(problem, procs)
+    if problem:
+        raise RunFolderError(problem)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * factor
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -169,6 +123,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     validate_train_config(cfg)
     procs = distributed.setup(cfg.trainer.device)
     run_dir = Path(distributed.broadcast_object(str(run_dir), procs))  # every rank: rank 0's run folder
+    claim_run_dir(run_dir, ckpt is not None, cfg.trainer.overwrite, procs)
     torch.set_num_threads(int(cfg.trainer.threads or default_threads(procs.local_world_size)))
     device = procs.device
     amp = bool(cfg.trainer.amp) and device.type == "cuda"
@@ -178,29 +133,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data = build_data(cfg, procs.rank, procs.world_size, pin_memory=device.type == "cuda")
     classes = data.classes
+    columns = metric_columns(classes)
+    if cfg.sweep_metric not in columns[1:]:
+        raise ConfigError(f"sweep_metric={cfg.sweep_metric!r} is not one of: {', '.join(columns[1:])}")
     if ckpt is not None:
-        checkpoint.check_compatible(ckpt, resume_path, cfg.model.name, classes)
+        checkpoint.check_compatible(ckpt, resume_path, {"model": cfg.model.name, "classes": classes}, "the data")
     model = build_model(cfg.model, len(classes), data.image_size)
     channels_last = channels_last_pays(cfg.trainer.channels_last, cfg.model.family, data.image_size, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     optimizer = build_optimizer(cfg.optimizer, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.scheduler, cfg.trainer.epochs, cfg.optimizer.lr))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    schedule = lr_factor(cfg.scheduler, cfg.trainer.epochs, cfg.optimizer.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    saver = checkpoint.CheckpointSaver(run_dir, cfg.trainer.epochs, cfg.trainer.save_interval)
     start_epoch = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # Follow this config's schedule from here (it may give more epochs or another lr than the saved one).
-        scheduler.base_lrs = [cfg.optimizer.lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optimizer.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+        start_epoch = saver.restore(ckpt, model, optimizer, scaler)
         if procs.is_main:
             log.info("resuming from %s (epoch %d done) in %s", resume_path, start_epoch, run_dir)
-            if torn := checkpoint.remove_torn_temp_files(run_dir):
+            if torn := saver.remove_torn_temp_files():
                 log.info("removed %d temp file(s) of interrupted checkpoint saves", len(torn))
     if cfg.trainer.sync_bn and procs.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -211,7 +163,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     criterion = nn.CrossEntropyLoss()
     normalizer = InputNormalizer(cfg.model.normalization, device, channels_last)
-    columns = metric_columns(classes)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1) if procs.is_main else None
     plain_cfg = to_plain(cfg)
     if procs.is_main:
@@ -220,11 +171,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  classes if len(classes) <= 10 else f"{classes[:10]}...", len(data.train), len(data.val),
                  data.image_size, cfg.transforms.name, cfg.data.batch_size, procs.world_size, torch.get_num_threads())
 
-    epoch = saved = start_epoch
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
             torch.manual_seed(cfg.trainer.seed + epoch)  # dropout, drop-connect: the same per epoch after a resume
             data.train_sampler.set_epoch(epoch)
+            set_lr(optimizer, base_lrs, schedule(epoch - 1))
             lr = optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer, device, epoch,
@@ -235,35 +187,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             row.update(evaluate(unwrap(model) if procs.distributed else model, data.val_loader, criterion,
                                 normalizer, device, classes, epoch, amp,
                                 show_progress=procs.is_main))
-            scheduler.step()
+            if not math.isfinite(row["val_loss"]):
+                raise NonFiniteLossError(
+                    f"validation loss became non-finite at epoch {epoch} (train loss {row['train_loss']:.4g}): "
+                    "the model diverged; this epoch is not saved, the checkpoints already written are intact. "
+                    "Lower optimizer.lr.")
             row.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - started)
             if not procs.is_main:
                 continue
             log_epoch(epoch, cfg.trainer.epochs, row, classes)
-            write_metrics_row(run_dir / "metrics.csv", columns, row, keep_up_to=epoch - 1)
+            saver.write_metrics(columns, row)
             for key in columns[1:]:
                 writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else f"val/{key}",
                                   row[key], epoch)
             writer.flush()
-            state = {
-                "format_version": checkpoint.FORMAT_VERSION,
-                "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "classes": classes,
-                "image_size": list(data.image_size),
-                "normalization": cfg.model.normalization,
-                "transforms": plain_cfg["transforms"],
-                "config": plain_cfg,
-                "metrics": row,
-            }
-            with checkpoint.interrupts_deferred():
-                save_checkpoints(run_dir, state, epoch, cfg.trainer.epochs, cfg.trainer.save_interval)
-                saved = epoch
+            saver.save(saver.state(unwrap(model), optimizer, scaler, epoch, "all", classes, data.image_size,
+                                   plain_cfg, row))
     except KeyboardInterrupt:
         if procs.is_main:
+            saved = saver.saved_epoch
             lost = f"during epoch {epoch}: its progress is not saved" if epoch > saved else f"after saving epoch {saved}"
             log.warning("interrupted %s. Checkpoints up to epoch %d are in %s; "
                         "`python train.py trainer.resume=%s` starts again at epoch %d.",
@@ -274,15 +216,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             writer.close()
         distributed.teardown()
 
-    rows = read_metrics(run_dir / "metrics.csv") if procs.is_main else []
-    best = best_row(rows, cfg.sweep_metric)
+    rows = saver.read_metrics() if procs.is_main else []
+    best = pick_best(rows, cfg.sweep_metric)
+    if best:  # rank 0 only (the other ranks have no rows)
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        log_hparams(run_dir, run_hparams(cfg, overrides),
+                    {m: best[m] for m in dict.fromkeys([cfg.sweep_metric, *HPARAMS_METRICS]) if m in best},
+                    step=best["epoch"])
     return {"best_epoch": best["epoch"] if best else None, "best": best, "classes": classes,
             "sweep_metric": cfg.sweep_metric, "value": best.get(cfg.sweep_metric) if best else None,
             "epochs": len(rows), "run_dir": str(run_dir)}
 
 
-def main(cfg: DictConfig) -> float:
-    """Hydra task: one run. In a sweep a failing job is recorded in its result.json and the sweep goes on."""
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task: one run. In a sweep a failing job is recorded in its result.json and the sweep goes on.
+
+    Returns the best `sweep_metric` to a sweeper, None for a failed job (Optuna records it as a failed trial;
+    a NaN would make the plugin raise and end the whole search)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -292,7 +242,7 @@ def main(cfg: DictConfig) -> float:
     except Exception as err:  # in a sweep every failure is recorded, foreseen or not, and the other jobs go on
         if not multirun:
             raise
-        known = isinstance(err, FAILURES)
+        known = isinstance(err, EXPECTED_FAILURES)
         (log.error if known else log.exception)("job %s failed: %s", hydra_cfg.job.num, err)
         result.update(status="failed", error=str(err) if known else f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc())
@@ -302,4 +252,4 @@ def main(cfg: DictConfig) -> float:
         log.info("best epoch %s: %s = %.4f  (run folder: %s)", result["best_epoch"], result["sweep_metric"],
                  result["value"], run_dir)
         return float(result["value"])
-    return float("nan")
+    return None

@@ -4,7 +4,11 @@ Every file with an image extension is decoded exactly as training decodes it (ge
 the unusable ones are listed with the reason and, with --quarantine, moved to QDIR under the same
 relative path (never deleted, never overwritten), so they can be moved back.
 Files without an image extension are listed separately: training ignores them, so they do not fail the
-check. Hidden files and folders (.DS_Store, .git) are skipped; --verbose lists them.
+check. Folder links that training does not follow (up the tree, back into DIR, a second way into a folder)
+are listed with the reason; hidden files and folders (.DS_Store, .git) are skipped, and --verbose lists them.
+The walk is geektime.images.walk_files, the one training lists a split with, so for a split folder
+(data/train) verify and training agree on every file. Names that cannot be printed as they are (a line break,
+bytes that are not UTF-8) are shown with %XX escapes.
 
 Exit status: 0 all images usable, 1 some are not (even when quarantined), 2 usage error.
 """
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 
 from geektime.images import IMAGE_EXTENSIONS, scan_images, walk_files
+from geektime.predictions import printable
 
 
 def _positive(text: str) -> int:
@@ -48,15 +53,15 @@ def _quarantine(bad: list[tuple[Path, str]], root: Path, qdir: Path) -> int:
     for path, _ in bad:
         target = qdir / path.relative_to(root)
         if target.exists() or target.is_symlink():
-            print(f"  not moved: {target} already exists (move it away and run again)")
+            print(f"  not moved: {printable(target)} already exists (move it away and run again)")
             continue
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(path, target)
         except OSError as err:
-            print(f"  not moved: {path}: {err}")
+            print(f"  not moved: {printable(path)}: {err.strerror or err}")
             continue
-        print(f"  moved {path} -> {target}")
+        print(f"  moved {printable(path)} -> {printable(target)}")
         moved += 1
     return moved
 
@@ -77,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return _usage_error(f"--quarantine {args.quarantine} is inside {root}: "
                                 "training would read it as a class folder; choose a folder outside it")
 
-    images, others, skipped = [], [], []
+    images, others, links, hidden = [], [], [], []
     try:
         for path, why in walk_files(root):
             if why is not None:
-                skipped.append((path, why))
+                (hidden if why.startswith("hidden") else links).append((path, why))
             elif path.suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(path)
             else:
@@ -94,21 +99,27 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"Unusable images ({len(bad)}):")
         for path, reason in bad:
-            print(f"  {path}: {reason}")
+            print(f"  {printable(path)}: {reason}")
     if others:
         print(f"Not image files, ignored by training ({len(others)}; extensions {' '.join(IMAGE_EXTENSIONS)}):")
         for path in sorted(others):
-            print(f"  {path}")
-    if args.verbose and skipped:
-        print(f"Skipped ({len(skipped)}):")
-        for path, why in sorted(skipped):
-            print(f"  {path}: {why}")
+            print(f"  {printable(path)}")
+    if links:
+        print(f"Folder links not followed (training skips them too) ({len(links)}):")
+        for path, why in sorted(links):
+            print(f"  {printable(path)}: {why}")
+    if args.verbose and hidden:
+        print(f"Hidden, skipped ({len(hidden)}):")
+        for path, why in sorted(hidden):
+            print(f"  {printable(path)}: {why}")
 
     summary = f"{len(images)} files checked, {len(bad)} bad"
     if others:
         summary += f", {len(others)} non-image file(s) ignored"
-    if skipped:
-        summary += f", {len(skipped)} hidden or looping entries skipped"
+    if links:
+        summary += f", {len(links)} folder link(s) not followed"
+    if hidden:
+        summary += f", {len(hidden)} hidden entries skipped"
     if bad and args.quarantine is not None:
         print(f"Quarantining to {args.quarantine}:")
         summary += f", {_quarantine(bad, root, args.quarantine)} moved to {args.quarantine}"

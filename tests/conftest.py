@@ -51,6 +51,19 @@ def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = T
     return proc
 
 
+def tiny_state(epoch: int = 1) -> dict:
+    """A real checkpoint dict (checkpoint.CheckpointSaver.state) of a tiny linear model, for format-level tests."""
+    import torch
+
+    from geektime.checkpoint import CheckpointSaver
+
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {"model": {"name": "linear", "normalization": "imagenet"}, "transforms": {"name": "resize"}, "data": {}}
+    return CheckpointSaver.state(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), epoch, "all",
+                                 ["a", "b"], (8, 8), config, {"val_acc": 0.5})
+
+
 TINY = ["model=resnet18", "data.image_size=[32,32]", "data.batch_size=4", "trainer.threads=1",
         "optimizer.lr=0.01", "trainer.log_interval=2"]
 

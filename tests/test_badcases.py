@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import base64
+import csv
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -14,7 +17,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geektime.badcases import find_badcases, format_badcases, main, write_gallery
+from geektime.badcases import (
+    badcases_json,
+    find_badcases,
+    format_badcases,
+    losses,
+    main,
+    most_confused,
+    top_losses,
+    write_gallery,
+)
+from geektime.clean import main as clean_main
 from geektime.predictions import Predictions, read_predictions, write_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +38,13 @@ RED, BLUE = (220, 30, 30), (30, 60, 220)
 class GalleryParser(HTMLParser):
     """Collects what a browser would show, and checks that every element is closed in order."""
 
-    VOID = {"meta", "img", "br", "link", "input", "hr"}
+    VOID = frozenset({"meta", "img", "br", "link", "input", "hr"})
 
     def __init__(self):
         super().__init__()
         self.stack, self.errors, self.imgs, self.links, self.figures, self.text = [], [], [], [], 0, []
         self.doctype = None
+        self.selects, self.options = [], []
 
     def handle_decl(self, decl):
         self.doctype = decl
@@ -43,6 +57,11 @@ class GalleryParser(HTMLParser):
             self.links.append(attrs["href"])
         elif tag == "figure":
             self.figures += 1
+        elif tag == "select":
+            self.selects.append(attrs)
+            self.options.append([])
+        elif tag == "option":
+            self.options[-1].append(attrs["value"])
         if tag not in self.VOID:
             self.stack.append(tag)
 
@@ -90,8 +109,8 @@ def gallery_case(tmp_path, monkeypatch):
         ("images/others/rotated.jpg", 1, 0.95),  # false positive, confidence 0.95
         ("images/logo/missing.jpg", 0, 0.20),  # false negative, confidence 0.80
         ("images/logo/broken.jpg", 0, 0.40),  # false negative, confidence 0.60
-        ("images/logo/真 logo 1.jpg", -1, 0.99),  # unlabeled: never a bad case
-        ("images/others/a&b <2>.png", 1, 0.10),
+        ("images/logo/unlabeled.jpg", -1, 0.99),  # unlabeled: never a bad case
+        ("images/others/right.png", 1, 0.10),
     ]
     txt = tmp_path / "eval" / "epoch_002.txt"
     write_predictions(
@@ -166,7 +185,9 @@ def test_gallery_is_valid_html_referencing_every_listed_image(gallery_case, tmp_
     assert rotated.size == (80, 160)  # EXIF orientation applied, then fit into 160 x 160
     assert square.size == (90, 90)  # small images are not enlarged
     assert all(abs(a - b) < 12 for a, b in zip(square.getpixel((45, 45)), BLUE))
-    assert "src=\"http" not in source and "<link" not in source and "<script" not in source
+    # Self-contained: nothing fetched, one inline script.
+    assert "src=\"http" not in source and "<link" not in source and "<script src" not in source
+    assert source.count("<script>") == 1
 
 
 def test_gallery_limit_and_empty_group(gallery_case, tmp_path):
@@ -184,7 +205,8 @@ def test_cli_writes_table_and_default_gallery(gallery_case, capsys):
     assert main([str(gallery_case), "--positive", "logo", "--limit", "1"]) == 0
     out, err = capsys.readouterr()
     assert "false positives: 2, showing the 1 most confident" in out
-    assert out.rstrip().endswith(f"gallery: {gallery_case.with_name('epoch_002_badcases.html')}")
+    assert out.rstrip().splitlines()[-2:] == [f"gallery: {gallery_case.with_name('epoch_002_badcases.html')}",
+                                              f"json: {gallery_case.with_name('epoch_002_badcases.json')}"]
     assert err.startswith("warning: 1 of 2 images could not be read")  # the top false negative is missing
     parsed = parse_gallery(gallery_case.with_name("epoch_002_badcases.html"))
     assert parsed.figures == 2
@@ -215,6 +237,7 @@ def test_module_entry_point_exit_code(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "geektime.badcases", str(tmp_path / "nope.txt")],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr == f"error: cannot read {tmp_path / 'nope.txt'}: No such file or directory\n"
@@ -266,3 +289,139 @@ def test_gallery_screenshot_in_headless_chromium(gallery_case, tmp_path):
     # The embedded thumbnails were decoded and drawn: red and blue areas of some size.
     for color in (RED, BLUE):
         assert (np.abs(pixels - color).max(axis=1) < 25).sum() > 1000
+
+
+def three_class_predictions() -> Predictions:
+    probs = np.array([
+        [0.5, 0.3, 0.2],  # dog predicted cat: loss -ln 0.3
+        [0.1, 0.2, 0.7],  # dog predicted bird: -ln 0.2
+        [0.6, 0.3, 0.1],  # bird predicted cat: -ln 0.1
+        [0.5, 0.4, 0.1],  # dog predicted cat: -ln 0.4
+        [0.45, 0.55, 0.0],  # dog right, but barely: -ln 0.55
+        [0.0, 1.0, 0.0],  # unlabeled
+        [0.01, 0.98, 0.01],  # dog right: -ln 0.98
+    ])
+    return Predictions(["cat", "dog", "bird"], probs, np.array([1, 1, 2, 1, 1, -1, 1]), probs.argmax(1),
+                       [f"{c}.jpg" for c in "abcdefg"], {})
+
+
+def test_top_losses_rank_right_and_wrong_by_loss():
+    pred = three_class_predictions()
+    loss = losses(pred)
+    assert loss[:5] == pytest.approx(-np.log([0.3, 0.2, 0.1, 0.4, 0.55]))
+    assert np.isnan(loss[5])
+    assert top_losses(pred) == [2, 1, 0, 3, 4, 6]  # the right-but-unsure line 4 ranks above the sure one
+    assert top_losses(pred, 2) == [2, 1]
+    zero = Predictions(["a", "b"], np.array([[1.0, 0.0]]), np.array([1]), np.array([0]), ["z.jpg"], {})
+    assert np.isfinite(losses(zero)).all()  # p(true) = 0 is floored, not infinite
+
+
+def test_most_confused_counts_pairs():
+    pred = three_class_predictions()
+    assert most_confused(pred) == [("dog", "cat", 2), ("dog", "bird", 1), ("bird", "cat", 1)]
+    report = badcases_json(pred, {"wrong": find_badcases(pred)["wrong"], "top_losses": top_losses(pred, 3)})
+    assert report["most_confused"][0] == {"actual": "dog", "predicted": "cat", "count": 2}
+    assert [e["path"] for e in report["top_losses"]] == ["c.jpg", "b.jpg", "a.jpg"]
+    assert report["top_losses"][0]["loss"] == pytest.approx(-np.log(0.1), abs=1e-5)
+    assert report["top_losses"][0]["true"] == "bird" and report["top_losses"][0]["predicted"] == "cat"
+
+
+def test_cli_top_losses_table_json_and_controls(gallery_case, tmp_path, capsys):
+    html_path = tmp_path / "g.html"
+    assert main([str(gallery_case), "--top-losses", "3", "--out", str(html_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = lines.index("top losses: 3")
+    assert lines[start + 1].split() == ["#", "loss", "p(true)", "true", "predicted", "path"]
+    # Highest loss first: rotated.jpg (p(true) 0.05), missing.jpg (0.20), a&b <2>.png (0.30).
+    assert [line.split(maxsplit=5)[-1] for line in lines[start + 2:start + 5]] == [
+        "images/others/rotated.jpg", "images/logo/missing.jpg", "images/others/a&b <2>.png"]
+    assert lines[start + 2].split()[1] == f"{-np.log(0.05):.4f}"
+    assert "most confused (actual -> predicted: count)" in out and "  others -> logo: 2" in out
+
+    report = json.loads(gallery_case.with_name("epoch_002_badcases.json").read_text(encoding="utf-8"))
+    assert report["most_confused"] == [{"actual": "logo", "predicted": "others", "count": 2},
+                                       {"actual": "others", "predicted": "logo", "count": 2}]
+    assert [e["path"] for e in report["top_losses"]] == ["images/others/rotated.jpg", "images/logo/missing.jpg",
+                                                        "images/others/a&b <2>.png"]
+    assert len(report["wrong"]) == 4
+
+    parsed = parse_gallery(html_path)
+    assert parsed.figures == len(parsed.selects) == 4 + 3
+    for select, options in zip(parsed.selects, parsed.options):
+        assert Path(select["data-path"]).is_absolute()
+        other = "others" if select["data-label"] == "logo" else "logo"
+        assert options == ["keep", "delete", f"move:{other}"]
+    assert parsed.selects[0]["data-path"] == str(tmp_path / "images/others/rotated.jpg")
+
+
+def chrome(download_dir: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--window-size=1200,900"):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
+    return driver
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason=f"{CHROMIUM} or {CHROMEDRIVER} is not installed")
+def test_gallery_choices_download_cleaning_csv_that_clean_applies(gallery_case, tmp_path):
+    """In a real headless Chromium: choose, download cleaning.csv, apply it, undo it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    html_path = tmp_path / "g.html"
+    assert main([str(gallery_case), "--top-losses", "3", "--out", str(html_path)]) == 0
+    rotated, odd = tmp_path / "images/others/rotated.jpg", tmp_path / "images/others/a&b <2>.png"
+    before = {p: p.read_bytes() for p in (rotated, odd)}
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver = chrome(downloads)
+    try:
+        driver.get(html_path.as_uri())
+        selects = driver.find_elements(By.CSS_SELECTOR, "select.decision")
+        assert len(selects) == 7
+        by_path = {}
+        for element in selects:
+            by_path.setdefault(element.get_attribute("data-path"), []).append(element)
+        assert len(by_path[str(rotated)]) == 2  # in "wrong" and in "top losses"
+        Select(by_path[str(rotated)][0]).select_by_visible_text("move to logo")
+        Select(by_path[str(odd)][1]).select_by_visible_text("delete")
+        # One choice per image: its other figure follows, and both are outlined.
+        assert Select(by_path[str(rotated)][1]).first_selected_option.text == "move to logo"
+        assert Select(by_path[str(odd)][0]).first_selected_option.text == "delete"
+        assert "move" in by_path[str(rotated)][1].find_element(By.XPATH, "ancestor::figure").get_attribute("class")
+        assert driver.find_element(By.ID, "decision-count").text == "2 image(s) to delete or move"
+        driver.find_element(By.ID, "download-cleaning").click()
+        target = downloads / "cleaning.csv"
+        deadline = time.monotonic() + 20
+        while not target.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert target.exists(), f"no download: {list(downloads.iterdir())}"
+    finally:
+        driver.quit()
+    with open(target, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["path"], r["action"], r["label"], r["to_class"]) for r in rows) == [
+        (str(odd), "delete", "others", ""), (str(rotated), "move", "others", "logo")]
+
+    quarantine = tmp_path / "quarantine"
+    assert clean_main(["apply", str(target), "--quarantine", str(quarantine), "--log", str(tmp_path / "undo.csv")]) == 0
+    assert not rotated.exists() and not odd.exists()
+    assert (tmp_path / "images/logo/rotated.jpg").read_bytes() == before[rotated]
+    assert (quarantine / "others/a&b <2>.png").read_bytes() == before[odd]
+    assert clean_main(["undo", str(tmp_path / "undo.csv")]) == 0
+    assert {p: p.read_bytes() for p in (rotated, odd)} == before
+    assert not (tmp_path / "images/logo/rotated.jpg").exists()

@@ -1,13 +1,16 @@
 """Every config composes and builds; transforms do what their names say."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from PIL import Image
 
-from geektime.config import MODEL_NAMES, ConfigError, find_conf_dir, register_resolvers, validate_train_config
+from geektime.config import ConfigError, find_conf_dir, model_names, register_resolvers, validate_train_config
 from geektime.data import (DecodedImages, FileImages, InputNormalizer, Letterbox, build_augmentation, build_data,
                            build_transform)
 from geektime.models import build_model, channels_last_pays
@@ -22,15 +25,15 @@ def compose_train(*overrides: str):
 
 
 def test_model_group_lists_every_architecture():
-    assert MODEL_NAMES == sorted([f"efficientnet_b{i}" for i in range(8)] +
-                                 [f"resnet{n}" for n in (18, 34, 50, 101, 152)])
+    assert model_names() == sorted([f"efficientnet_b{i}" for i in range(8)] + [f"efficientnet_lite{i}" for i in range(5)]
+                                   + [f"resnet{n}" for n in (18, 34, 50, 101, 152)])
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_every_model_config_composes_builds_and_runs(name):
     cfg = compose_train(f"model={name}")
     validate_train_config(cfg)
-    if name.startswith("efficientnet"):
+    if name.startswith("efficientnet_b"):
         assert cfg.model.image_size == [NATIVE[name[-2:]]] * 2
     model = build_model(cfg.model, num_classes=3, image_size=(64, 64)).eval()
     with torch.no_grad():
@@ -44,17 +47,26 @@ def test_every_experiment_composes():
         assert cfg.trainer.epochs >= 1
 
 
-def test_validation_names_the_key_and_choices():
-    cfg = compose_train()
-    cfg.transforms.name = "stretch"
-    with pytest.raises(ConfigError, match=r"transforms.name='stretch' is not one of: resize, letterbox, center_crop"):
-        validate_train_config(cfg)
-    cfg = compose_train("data.batch_size=0")
-    with pytest.raises(ConfigError, match="data.batch_size"):
-        validate_train_config(cfg)
-    cfg = compose_train("trainer.channels_last=sometimes")
-    with pytest.raises(ConfigError, match="trainer.channels_last='sometimes' is not one of: auto, true, false"):
-        validate_train_config(cfg)
+@pytest.mark.parametrize("override,key", [
+    ("transforms.name=stretch", "transforms.name"), ("trainer.epochs=1.5", "trainer.epochs"),
+    ("data.batch_size=2.5", "data.batch_size"), ("trainer.seed=abc", "trainer.seed"),
+    ("data.on_bad_image=maybe", "data.on_bad_image"), ("optimizer.lr=fast", "optimizer.lr"),
+    ("model.normalization=bgr", "model.normalization"), ("trainer.typo_key=1", "typo_key")])
+def test_schema_refuses_wrong_types_and_choices_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose_train(override)
+    assert key in f"{raised.value} {raised.value.__cause__}"
+
+
+def test_ranges_and_cross_key_rules_name_the_key():
+    for override, message in [("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+                              ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+                              ("optimizer.lr=0", "optimizer.lr=0.0 must be > 0"),
+                              ("data.num_workers=-1", "data.num_workers=-1"),
+                              ("trainer.channels_last=sometimes",
+                               "trainer.channels_last='sometimes' is not one of: auto, true, false")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_train_config(compose_train(override))
 
 
 @pytest.mark.parametrize("setting", [True, False, "auto"])

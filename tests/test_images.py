@@ -4,13 +4,25 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from geektime.images import (IMAGE_EXTENSIONS, BadImageError, check_image, list_images, load_rgb,
-                             scan_images, walk_files)
+from geektime import images
+from geektime.data import open_folder
+from geektime.errors import ConfigError
+from geektime.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    check_image,
+    list_images,
+    list_split,
+    load_rgb,
+    scan_images,
+    walk_files,
+)
 
 
 def noise_jpeg(path, size=(256, 256), **save):
@@ -303,8 +315,82 @@ def test_list_images_skips_hidden_and_survives_symlink_loops(tmp_path):
     skipped = {p.relative_to(root).as_posix(): why for p, why in walk_files(root) if why}
     assert skipped == {"cat/.DS_Store": "hidden, skipped", "cat/._a.jpg": "hidden, skipped",
                        ".cache": "hidden, skipped", "dog/.git": "hidden, skipped",
-                       "dog/sub/loop": "symlink loop, skipped", "cat/self": "symlink loop, skipped"}
+                       "dog/sub/loop": "symlink up the tree (a loop, or other folders read as this one), skipped",
+                       "cat/self": "symlink up the tree (a loop, or other folders read as this one), skipped"}
     assert reason_of(root / "cat" / "dangling.jpg").startswith("cannot read the file: No such file")
+
+
+def split_with_links(tmp_path):
+    """train/{ants,bees} with real images and every kind of folder link a user or a tool might leave."""
+    root = tmp_path / "data" / "train"
+    for rel in ["ants/a1.png", "ants/a2.png", "bees/b1.png", "bees/sub/b2.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / rel)
+    outside = tmp_path / "extra"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "x.png")
+    (root / "ants" / "loop").symlink_to("..")  # up to the split: would read bees/ as ants
+    (root / "ants" / "split").symlink_to(root)  # the same, absolute
+    (root / "ants" / "above").symlink_to(tmp_path)  # an ancestor of the split
+    (root / "ants" / "alias").symlink_to("../bees/sub")  # inside the split: already listed as bees
+    (root / "ants" / "more").symlink_to(outside)  # outside: followed (how a folder is shared)
+    (root / "bees" / "more").symlink_to(outside)  # the same folder again: already listed under ants
+    (root / "wasps").symlink_to("bees")  # a class folder that is another class
+    return root
+
+
+def test_folder_links_up_or_back_into_the_split_are_not_read_as_this_class(tmp_path, caplog):
+    root = split_with_links(tmp_path)
+    folder = open_folder("data.train_dir", root)
+    labelled = sorted((Path(p).relative_to(root).as_posix(), folder.classes[t]) for p, t in folder.samples)
+    assert labelled == [("ants/a1.png", "ants"), ("ants/a2.png", "ants"), ("ants/more/x.png", "ants"),
+                        ("bees/b1.png", "bees"), ("bees/sub/b2.png", "bees")]
+    warned = {r.getMessage().split(": ", 1)[0] for r in caplog.records if r.levelname == "WARNING"}
+    assert warned == {str(root / rel) for rel in ["ants/loop", "ants/split", "ants/above", "ants/alias",
+                                                   "bees/more", "wasps"]}
+
+
+def test_list_split_and_walk_files_agree_on_every_file(tmp_path):
+    root = split_with_links(tmp_path)
+    classes, passed_over = list_split(root)
+    assert list(classes) == ["ants", "bees"]
+    walked = sorted(p for p, why in walk_files(root) if why is None)
+    assert sorted(p for files in classes.values() for p in files) == walked
+    why = {p.relative_to(root).as_posix(): reason for p, reason in passed_over}
+    assert why == {
+        "ants/loop": "symlink up the tree (a loop, or other folders read as this one), skipped",
+        "ants/split": "symlink up the tree (a loop, or other folders read as this one), skipped",
+        "ants/above": "symlink up the tree (a loop, or other folders read as this one), skipped",
+        "ants/alias": "symlink into the data folder (listed under its own name), skipped",
+        "bees/more": "second way into a folder already listed, skipped",
+        "wasps": "symlink into the data folder (listed under its own name), skipped",
+    }
+    # a folder reached through an outside link may link back up to the data folder
+    (tmp_path / "extra" / "back").symlink_to(root)
+    assert dict(list_split(root)[1])[root / "ants" / "more" / "back"] == (
+        "symlink up the tree (a loop, or other folders read as this one), skipped")
+
+
+def test_class_folder_names_that_cannot_be_shown_are_refused_before_training(tmp_path):
+    """A folder name with bytes that are not UTF-8 (or a line break, a tab) trained one epoch, then failed to
+    write metrics.csv and the log: it is now refused when the data is opened, naming the fix."""
+    root = tmp_path / "train"
+    for name in (b"caf\xe9", b"two\nlines", b"dog"):
+        folder = os.path.join(os.fsencode(root), name)
+        os.makedirs(folder)
+        Image.new("RGB", (8, 8)).save(os.path.join(folder, b"a.png").decode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError) as info:
+        open_folder("data.train_dir", root)
+    assert str(info.value) == (
+        f"{root}: class folder name(s) caf%E9, two%0Alines hold a line break, tab, control character or bytes that "
+        "are not UTF-8 (shown as %XX); rename the folder(s) to use them as classes.")
+
+
+def test_class_folders_with_spaces_are_classes(tmp_path):
+    for name in ("big cat", " hot\u00a0dog ", "100%"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    assert open_folder("data.train_dir", tmp_path).classes == sorted(["big cat", " hot\u00a0dog ", "100%"])
 
 
 def test_image_extensions():
@@ -347,3 +433,39 @@ def test_scan_images_progress_bar_goes_to_stderr(tmp_path, capsys):
     scan_images(paths, workers=1, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and "checking images" in err
+
+
+# ---------------------------------------------------------------- shapes no transform can use
+
+def strip_png(path, size):
+    Image.new("RGB", size, (200, 10, 10)).save(path, optimize=True)
+    return path
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (21, 1), (4200, 200)])
+def test_extreme_aspect_ratio_is_a_bad_image(tmp_path, size):
+    path = strip_png(tmp_path / "strip.png", size)
+    reason = reason_of(path)
+    assert reason.startswith(f"extreme aspect ratio {size[0]}x{size[1]} (more than 20:1)")
+    assert "MAX_ASPECT_RATIO" in reason
+
+
+def test_a_20000x1_png_is_tiny_on_disk_and_refused_from_its_header(tmp_path):
+    path = strip_png(tmp_path / "strip.png", (20000, 1))
+    assert path.stat().st_size < 200  # what a scraper can pick up without noticing
+    assert "extreme aspect ratio" in check_image(path)
+
+
+@pytest.mark.parametrize("size", [(20, 1), (1, 20), (1600, 500)])
+def test_elongated_but_usable_images_pass(tmp_path, size):
+    assert load_rgb(strip_png(tmp_path / "ok.png", size)).size == size
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_aspect_limit_can_be_raised_and_workers_see_it(tmp_path, monkeypatch, workers):
+    paths = [strip_png(tmp_path / f"{i}.png", (2000, 1)) for i in range(2)]
+    assert [r for _, r in scan_images(paths, workers=workers, progress=False)] == [
+        ("extreme aspect ratio 2000x1 (more than 20:1): fitted to the model's input it would be a thin line or a "
+         "sliver of the picture. Crop it, or raise geektime.images.MAX_ASPECT_RATIO if such images are legitimate")] * 2
+    monkeypatch.setattr(images, "MAX_ASPECT_RATIO", 5000)
+    assert scan_images(paths, workers=workers, progress=False) == []

@@ -339,3 +339,36 @@ def test_write_threshold_outputs(threshold_pred, tmp_path):
     with Image.open(png_path) as png:
         lo, hi = png.convert("L").getextrema()
         assert hi - lo > 100
+
+
+def test_scores_equal_scikit_learn_on_random_confusions():
+    """The one implementation of precision/recall/F1 agrees with scikit-learn's (zero_division=0)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from geektime.metrics import confusion_matrix, scores
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        classes = [f"c{i}" for i in range(int(rng.integers(2, 6)))]
+        targets = rng.integers(0, len(classes), 40)
+        predicted = np.where(rng.random(40) < 0.6, targets, rng.integers(0, len(classes), 40))
+        if trial % 5 == 0:
+            predicted[predicted == 0] = 1  # a class never predicted
+        got = scores(confusion_matrix(targets, predicted, len(classes)), classes)
+        p, r, f, s = precision_recall_fscore_support(targets, predicted, labels=range(len(classes)), zero_division=0)
+        for i, name in enumerate(classes):
+            assert (got[f"{name}_precision"], got[f"{name}_recall"], got[f"{name}_f1"]) == pytest.approx((p[i], r[i], f[i]))
+            assert got[f"{name}_support"] == s[i]
+        assert got["macro_recall"] == pytest.approx(r.mean()) and got["accuracy"] == pytest.approx((targets == predicted).mean())
+
+
+def test_pick_best_is_the_one_rule_for_best():
+    from geektime.metrics import pick_best
+
+    rows = [{"epoch": 1, "val_acc": 0.8, "val_loss": 0.5}, {"epoch": 2, "val_acc": float("nan"), "val_loss": 0.4},
+            {"epoch": 3, "val_acc": 0.8, "val_loss": 0.3}, {"epoch": 4, "val_loss": 0.3}]
+    assert pick_best(rows, "val_acc")["epoch"] == 1  # NaN never wins; ties go to the earlier epoch
+    assert pick_best(rows, "val_loss")["epoch"] == 3  # a loss is best lowest
+    assert pick_best(rows, "val_acc", {"val_loss": 0.0}) is not None
+    assert pick_best(rows, "val_acc", {"val_loss": 0.6}) is None
+    assert pick_best([], "val_acc") is None

@@ -18,7 +18,7 @@ def test_two_epochs_write_checkpoints_metrics_and_tensorboard(tmp_path, folders)
     last = torch.load(run / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and last["classes"] == ["blue", "red"]
     assert last["config"]["model"]["name"] == "resnet18" and last["image_size"] == [32, 32]
-    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "metrics", "format_version"}
+    assert set(last) >= {"model", "optimizer", "scaler", "phase", "metrics", "format_version"}
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"val_acc", "blue_precision", "red_recall", "lr", "train_loss"} <= set(rows[0])
@@ -96,13 +96,14 @@ def test_two_job_sweep_writes_both_runs_and_a_summary(tmp_path, folders):
     sweep = tmp_path / "sweep"
     proc = run_script("train.py", "-m", "model=resnet18", "data.image_size=[32,32]", "data.batch_size=4",
                       "trainer.threads=1", "trainer.epochs=1", f"data.train_dir={train_dir}",
-                      f"data.val_dir={val_dir}", "optimizer.lr=0.01,-1", f"hydra.sweep.dir={sweep}")
+                      f"data.val_dir={val_dir}", "optimizer.lr=0.01,-1", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "error: 1 of 2 sweep jobs failed" in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
-    assert "optimizer.lr=0.01" in jobs[0].name and "optimizer.lr=-1" in jobs[1].name
+    assert "optimizer.lr:0.01" in jobs[0].name and "optimizer.lr:-1" in jobs[1].name
     assert (jobs[0] / "epoch_001.pth").is_file()
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed")]
     assert "optimizer.lr" in rows[1]["error"] and rows[0]["best_epoch"] == "1"
-    assert "| 0 |" in proc.stdout and "| ok |" in proc.stdout and "| failed |" in proc.stdout
-    assert (sweep / "summary.md").read_text().count("\n") == 4
+    assert "| 1 | 0 | 0.01 | ok |" in proc.stdout and "| - | 1 | -1 | failed |" in proc.stdout
+    assert (sweep / "summary.md").read_text().count("\n") == 8

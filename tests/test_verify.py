@@ -1,6 +1,7 @@
 """`python -m geektime.verify`: exit codes, what it prints, and quarantine that moves but never deletes."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from geektime.data import open_folder
 from geektime.verify import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,8 @@ def test_reports_each_bad_file_with_reason(dirty, capsys):
     assert ".DS_Store" not in out and ".thumbs" not in out  # hidden: only with --verbose
     assert "png_named" not in out and "good.jpg" not in out
     assert lines[-1].startswith(
-        "6 files checked, 3 bad, 1 non-image file(s) ignored, 3 hidden or looping entries skipped.")
+        "6 files checked, 3 bad, 1 non-image file(s) ignored, 1 folder link(s) not followed, 2 hidden entries skipped.")
+    assert f"  {root / 'dog' / 'loop'}: symlink up the tree" in out  # links are listed without --verbose
     assert "--quarantine" in lines[-1]
     assert all(p.exists() for p in root.rglob("*") if "loop" not in p.parts)  # nothing moved without --quarantine
 
@@ -65,7 +68,7 @@ def test_verbose_lists_hidden_and_loops(dirty, capsys):
     out = capsys.readouterr().out
     assert f"{root / 'cat' / '.DS_Store'}: hidden, skipped" in out
     assert f"{root / '.thumbs'}: hidden, skipped" in out
-    assert f"{root / 'dog' / 'loop'}: symlink loop, skipped" in out
+    assert f"{root / 'dog' / 'loop'}: symlink up the tree (a loop, or other folders read as this one), skipped" in out
 
 
 def test_quarantine_moves_keeping_relative_paths(dirty, tmp_path, capsys):
@@ -127,7 +130,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 def test_runs_as_a_module(dirty):
     root, _ = dirty
     result = subprocess.run([sys.executable, "-m", "geektime.verify", str(root), "--workers", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+                            check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "3 bad" in result.stdout and "Traceback" not in result.stderr
 
@@ -136,3 +139,46 @@ def test_runs_as_a_module(dirty):
 def test_real_dataset_is_clean(capsys):
     assert main([str(REAL_DATASET)]) == 0
     assert capsys.readouterr().out.strip().endswith(" bad")
+
+
+def test_up_links_are_reported_and_training_reads_the_same_files(tmp_path, capsys):
+    """train/ants/up -> .. made training read bees as ants while verify called it a loop: now both skip it."""
+    root = tmp_path / "train"
+    good_jpeg(root / "ants" / "a.jpg")
+    good_jpeg(root / "bees" / "b.jpg")
+    (root / "ants" / "up").symlink_to("..")
+    (root / "bees" / "home").symlink_to(tmp_path)
+    assert main([str(root), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Folder links not followed (training skips them too) (2):" in out
+    assert f"  {root / 'ants' / 'up'}: symlink up the tree" in out and f"  {root / 'bees' / 'home'}: symlink up" in out
+    assert out.splitlines()[-1] == "2 files checked, 0 bad, 2 folder link(s) not followed"
+    folder = open_folder("data.train_dir", root)
+    assert sorted(folder.samples) == [(str(root / "ants" / "a.jpg"), 0), (str(root / "bees" / "b.jpg"), 1)]
+
+
+def test_extreme_aspect_ratio_is_flagged(tmp_path, capsys):
+    good_jpeg(tmp_path / "cat" / "good.jpg")
+    Image.new("RGB", (20000, 1)).save(tmp_path / "cat" / "strip.png")
+    assert main([str(tmp_path), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"  {tmp_path / 'cat' / 'strip.png'}: extreme aspect ratio 20000x1 (more than 20:1)" in out
+
+
+def test_odd_file_names_are_shown_on_one_line_and_quarantined(tmp_path):
+    """A line break or bytes that are not UTF-8 in a name: shown escaped, one line each, and moved intact."""
+    root, quarantine = tmp_path / "data", tmp_path / "quarantine"
+    (root / "cat").mkdir(parents=True)
+    broken = [os.path.join(os.fsencode(root / "cat"), name) for name in (b"two\nlines.jpg", b"caf\xe9.jpg")]
+    for path in broken:
+        with open(path, "wb") as f:
+            f.write(b"<html>404</html>")
+    good_jpeg(root / "cat" / "good.jpg")
+    result = subprocess.run([sys.executable, "-m", "geektime.verify", str(root), "--quarantine", str(quarantine)],
+                            check=False, cwd=REPO, capture_output=True, timeout=60, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out = result.stdout.decode("utf-8")  # valid UTF-8 even for a Latin-1 name
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
+    for shown in ("two%0Alines.jpg", "caf%E9.jpg"):
+        assert any(line.startswith(f"  {root / 'cat'}/{shown}: not an image: an HTML/XML page")
+                   for line in out.splitlines()), out
+    assert sorted(os.listdir(os.fsencode(quarantine / "cat"))) == [b"caf\xe9.jpg", b"two\nlines.jpg"]

@@ -136,6 +136,8 @@ def accuracy(args) -> dict:
     }
     rows = {}
     for name, plan in plans.items():
+        if args.plans and name not in args.plans:
+            continue
         runs = []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
@@ -147,7 +149,8 @@ def accuracy(args) -> dict:
                     groups, pct, div = param_groups(model, FAMILY, lr, 1.0, 0.01), 0.99, 25.0
                 elif phase == "unfrozen":  # fastai: base_lr / 2 over slice(lr / lr_mult, lr), pct 0.3, div 5
                     unfreeze_body(model, FAMILY)
-                    groups, pct, div = param_groups(model, FAMILY, lr / 2, args.lr_mult, 0.01), 0.3, 5.0
+                    groups = param_groups(model, FAMILY, lr * args.unfrozen_lr_factor, args.lr_mult, 0.01)
+                    pct, div = 0.3, 5.0
                 else:
                     groups, pct, div = param_groups(model, FAMILY, lr, 1.0, 0.01), 0.25, 25.0
                 optimizer = build_optimizer("adamw", groups)  # fresh state at each phase
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lr-mult", type=float, default=100.0)
+    parser.add_argument("--unfrozen-lr-factor", type=float, default=0.5, help="fastai: 0.5")
+    parser.add_argument("--plans", nargs="*", default=None, help="accuracy: run only these plans")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"error: {DATA} is not there (the shared doraemon_walle photos)", file=sys.stderr)

@@ -274,14 +274,15 @@ class CheckpointSaver:
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.run_dir / "metrics.csv")
 
-    def restore(self, ckpt: dict, model, optimizer, scaler) -> int:
+    def restore(self, ckpt: dict, model, optimizer, scaler, with_optimizer: bool = True) -> int:
         """Put model, optimizer and AMP scaler back as `ckpt` holds them; returns the epochs already done.
 
-        The optimizer's state is restored only when the checkpoint was written in the same phase of a
-        staged fine-tune (the caller builds the optimizer for the phase the run is in)."""
+        `with_optimizer=False` (a resume that starts a new phase of a staged fine-tune) leaves the optimizer
+        fresh; so does a checkpoint whose optimizer had other parameter groups (format 1's)."""
         model.load_state_dict(ckpt["model"])
-        if ckpt.get("optimizer") is not None and len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
-            optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt.get("optimizer")
+        if with_optimizer and saved and len(saved["param_groups"]) == len(optimizer.param_groups):
+            optimizer.load_state_dict(saved)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         self.saved_epoch = int(ckpt["epoch"])

@@ -26,6 +26,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from geektime.cache import from_config as view_cache
 from geektime.config import auto_or_bool, resolved_image_size, workers_setting
 from geektime.errors import ConfigError
 from geektime.machine import cpu_count
@@ -344,24 +345,40 @@ def report_bad(key: str, bad: list[tuple[str, str]], policy: str, root: str) -> 
     log.warning("%s: skipping %d unreadable image(s):\n%s", key, len(bad), listing)
 
 
-def want_cache(dcfg, count: int, size: tuple[int, int]) -> bool:
+def want_cache(dcfg, count: int, size: tuple[int, int]) -> str | None:
+    """How a split's views are held: "memory" (one tensor; `data.cache_max_gb` or `data.cache=true`), "mapped"
+    (a split too big for memory, from the disk cache's file) or None (decoded on every access)."""
     forced = auto_or_bool("data.cache", dcfg.cache)
-    if forced is not None:
-        return forced
-    return count * 3 * size[0] * size[1] <= float(dcfg.cache_max_gb) * 2**30
+    if forced is False:
+        return None
+    if forced or count * 3 * size[0] * size[1] <= float(dcfg.cache_max_gb) * 2**30:
+        return "memory"
+    return "mapped" if dcfg.disk_cache else None
 
 
 def load_split(key: str, paths: list[str], targets: Sequence[int], root: str, tcfg, dcfg, size: tuple[int, int],
                train: bool, workers: int | None = None, progress: bool = True, seed: int = 0) -> ImageSplit:
     """The one way images become a split, for training, evaluation and unlabeled prediction alike.
 
-    The views are decoded once and cached when they fit in `data.cache_max_gb`, else decoded on access in
-    DataLoader workers; unusable files follow `data.on_bad_image` (targets -1: unlabeled)."""
+    The views are decoded once per machine into the disk cache (geektime.cache; `data.disk_cache`) and read
+    from it into memory when they fit in `data.cache_max_gb`, else mapped from it; without the disk cache they
+    are decoded once per process when they fit, else on access in DataLoader workers. Unusable files follow
+    `data.on_bad_image` (targets -1: unlabeled)."""
     transform = build_transform(tcfg, size, train)
     augmentation = build_augmentation(tcfg, size, train)
     min_size, cached_size = decode_size(tcfg, size, train), view_size(tcfg, size, train)
     targets = torch.as_tensor(list(targets), dtype=torch.long)
-    if want_cache(dcfg, len(paths), cached_size):
+    mode = want_cache(dcfg, len(paths), cached_size)
+    found = None
+    if mode is not None and (disk := view_cache(dcfg)) is not None:
+        spec = {"transform": str(tcfg.name), "view_size": list(cached_size), "min_size": list(min_size)}
+        if str(tcfg.name) == "letterbox":
+            spec["fill"] = [int(c) for c in tcfg.fill]
+        found = disk.views(Path(root).name, paths, spec, _decode_one, [(p, transform, min_size) for p in paths],
+                           workers, progress, mapped=mode == "mapped")
+    if found is not None:
+        images, bad = found  # the good images' views only
+    elif mode == "memory":
         images, bad = decode_all(paths, transform, min_size, cached_size, workers, desc=f"decoding {key}",
                                  progress=progress)
     else:
@@ -372,8 +389,9 @@ def load_split(key: str, paths: list[str], targets: Sequence[int], root: str, tc
     if bad:
         unusable = {p for p, _ in bad}
         keep = [i for i, p in enumerate(paths) if p not in unusable]
+        if images is not None and len(images) == len(paths):  # decode_all's zeroed rows (the disk cache has none)
+            images = images[keep]
         paths, targets = [paths[i] for i in keep], targets[keep]
-        images = images[keep] if images is not None else None
     if images is None:
         return FileImages(paths, targets, transform, min_size, augmentation, seed)
     return DecodedImages(images, targets, paths, augmentation, seed)

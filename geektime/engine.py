@@ -80,6 +80,36 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scaler, norm
             "train_images_per_s": count / seconds, "train_seconds": seconds}
 
 
+def train_head_epoch(head: nn.Module, features: torch.Tensor, targets: torch.Tensor, criterion, optimizer,
+                     batch_size: int, epoch: int, seed: int, set_lr=None) -> dict:
+    """One epoch of a classifier head on pooled features computed once (a frozen body's), in a seeded order.
+
+    The same row as `train_one_epoch`; batches follow its rule (the last partial batch is dropped when there
+    is more than one batch), so a one-cycle schedule counts the same steps."""
+    head.train()
+    start = time.perf_counter()
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    count = len(order) // batch_size * batch_size if len(order) > batch_size else len(order)
+    loss_sum, correct = 0.0, 0
+    for step, begin in enumerate(range(0, count, batch_size)):
+        if set_lr is not None:
+            set_lr(step)
+        index = order[begin:begin + batch_size]
+        logits = head(features[index])
+        loss = criterion(logits, targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became non-finite at epoch {epoch}, step {step + 1} (frozen body, head "
+                                     "only); stopping. Lower optimizer.lr.")
+        loss_sum += loss.item() * len(index)
+        correct += int((logits.argmax(1) == targets[index]).sum())
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "train_images_per_s": count / seconds,
+            "train_seconds": seconds}
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, criterion, normalizer, device: torch.device, classes: list[str],
              epoch: int = 0, amp: bool = False, show_progress: bool = True) -> dict:

@@ -101,3 +101,26 @@ def set_schedule(optimizer: torch.optim.Optimizer, lr_factor: float, momentum: f
             group["betas"] = (momentum, group["betas"][1])
         elif "momentum" in group:
             group["momentum"] = momentum
+
+
+def lr_factor(scfg, epochs: int, lr: float):
+    """The lr multiplier after `done` epochs: linear warm-up, then none | step | cosine.
+
+    A pure function of the epoch count, so a resumed run (even one given more epochs) follows the
+    schedule its config describes, and a checkpoint needs no scheduler state.
+    """
+    warmup = min(int(scfg.get("warmup_epochs", 0)), epochs - 1)
+    start = float(scfg.get("warmup_start_factor", 0.1))
+
+    def factor(done: int) -> float:
+        if done < warmup:
+            return start + (1.0 - start) * done / warmup
+        if scfg.name == "step":
+            return scfg.gamma ** ((done - warmup) // scfg.step_size)
+        if scfg.name == "cosine":
+            floor = scfg.min_lr / lr
+            progress = (done - warmup) / max(1, epochs - warmup)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor

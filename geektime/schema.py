@@ -101,6 +101,9 @@ class DataConfig:
     cache: str = "auto"  # auto | true | false
     cache_max_gb: float = _range(4.0, 0.0)
     on_bad_image: BadImagePolicy = BadImagePolicy.error
+    disk_cache: bool = True  # decoded views kept in cache_dir, reused by every later process (geektime.cache)
+    cache_dir: Optional[str] = None  # null: $GEEKTIME_CACHE, else ~/.cache/geektime/views
+    cache_dir_max_gb: float = _range(20.0, 0.0)
 
 
 @dataclass
@@ -151,6 +154,7 @@ class FinetuneConfig:
     lr_mult: float = _range(100.0, 1.0)
     freeze_bn: bool = True
     unfrozen_lr_factor: float = _range(0.5, 0.0, exclusive_low=True)
+    frozen_pct_start: float = _range(0.99, 0.0, 1.0)
     cache_features: bool = True
 
 
@@ -215,6 +219,9 @@ class EvalDataConfig:
     cache: str = "auto"
     cache_max_gb: float = _range(4.0, 0.0)
     on_bad_image: BadImagePolicy = BadImagePolicy.error
+    disk_cache: bool = True  # decoded views kept in cache_dir, reused by every later process (geektime.cache)
+    cache_dir: Optional[str] = None  # null: $GEEKTIME_CACHE, else ~/.cache/geektime/views
+    cache_dir_max_gb: float = _range(20.0, 0.0)
 
 
 @dataclass

@@ -20,13 +20,14 @@ from torch.utils.tensorboard import SummaryWriter
 from geektime import checkpoint, distributed, runs
 from geektime.config import to_plain, validate_train_config
 from geektime.data import InputNormalizer, build_data
-from geektime.engine import evaluate, train_one_epoch
+from geektime.engine import evaluate, train_head_epoch, train_one_epoch
 from geektime.errors import EXPECTED_FAILURES, ConfigError, NonFiniteLossError, RunFolderError
 from geektime.hparams import METRICS as HPARAMS_METRICS
 from geektime.hparams import log_hparams, run_hparams
 from geektime.machine import default_threads
 from geektime.metrics import pick_best
-from geektime.models import build_model, channels_last_pays, unwrap
+from geektime.finetune import Phase, Schedule, phase_of, phase_optimizer, phases, set_up_model
+from geektime.models import build_model, channels_last_pays, classifier, head_features
 
 log = logging.getLogger("geektime.train")
 
@@ -35,39 +36,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_optimizer(ocfg, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD; no weight decay on biases and norm layers (their scale is not what decay should shrink)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov)
-
-
-def lr_factor(scfg, epochs: int, lr: float):
-    """The lr multiplier after `done` epochs: linear warm-up, then none | step | cosine.
-
-    A pure function of the epoch count, so a resumed run (even one given more epochs) follows the
-    schedule its config describes, and a checkpoint needs no scheduler state.
-    """
-    warmup = min(int(scfg.get("warmup_epochs", 0)), epochs - 1)
-    start = float(scfg.get("warmup_start_factor", 0.1))
-
-    def factor(done: int) -> float:
-        if done < warmup:
-            return start + (1.0 - start) * done / warmup
-        if scfg.name == "step":
-            return scfg.gamma ** ((done - warmup) // scfg.step_size)
-        if scfg.name == "cosine":
-            floor = scfg.min_lr / lr
-            progress = (done - warmup) / max(1, epochs - warmup)
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
 
 
 def config_for_resume(cfg: DictConfig, ckpt: dict) -> DictConfig:
@@ -108,9 +76,20 @@ def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool, procs: distrib
         raise RunFolderError(problem)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
-    for group, base in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = base * factor
+def wrap(model: nn.Module, cfg: DictConfig, procs: distributed.Processes, device: torch.device) -> nn.Module:
+    """DDP and torch.compile around the plain model; done again at a phase boundary, as what trains changes."""
+    if procs.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    return model
+
+
+def head_only(cfg: DictConfig, phase: Phase, procs: distributed.Processes) -> bool:
+    """Whether the frozen phase can train the head on pooled features computed once: a body frozen with its
+    BatchNorm, no augmentation (every epoch would see other crops), one process."""
+    return (phase.name == "frozen" and cfg.finetune.cache_features and cfg.finetune.freeze_bn
+            and not cfg.transforms.augment.enabled and not procs.distributed)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -142,24 +121,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     channels_last = channels_last_pays(cfg.trainer.channels_last, cfg.model.family, data.image_size, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    schedule = lr_factor(cfg.scheduler, cfg.trainer.epochs, cfg.optimizer.lr)
+    family = str(cfg.model.family)
+    all_phases = phases(cfg)
+    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
+    phase = phase_of(all_phases, min(start_epoch + 1, cfg.trainer.epochs))
+    set_up_model(model, family, phase, cfg.finetune.freeze_bn)
+    optimizer = phase_optimizer(cfg, model, phase)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     saver = checkpoint.CheckpointSaver(run_dir, cfg.trainer.epochs, cfg.trainer.save_interval)
-    start_epoch = 0
     if ckpt is not None:
-        start_epoch = saver.restore(ckpt, model, optimizer, scaler)
+        # The optimizer's state only within the phase it was saved in: a new phase starts it afresh.
+        saver.restore(ckpt, model, optimizer, scaler, with_optimizer=ckpt.get("phase", "all") == phase.name)
         if procs.is_main:
-            log.info("resuming from %s (epoch %d done) in %s", resume_path, start_epoch, run_dir)
+            log.info("resuming from %s (epoch %d done, %s phase) in %s", resume_path, start_epoch, phase.name, run_dir)
             if torn := saver.remove_torn_temp_files():
                 log.info("removed %d temp file(s) of interrupted checkpoint saves", len(torn))
     if cfg.trainer.sync_bn and procs.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if procs.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
+    plain_model, model = model, wrap(model, cfg, procs, device)
 
     criterion = nn.CrossEntropyLoss()
     normalizer = InputNormalizer(cfg.model.normalization, device, channels_last)
@@ -172,20 +151,39 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                  data.image_size, cfg.transforms.name, cfg.data.batch_size, procs.world_size, torch.get_num_threads())
 
     epoch = start_epoch
+    schedule, features = None, None
     try:
         for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
+            if epoch > phase.last_epoch:  # the staged fine-tune's boundary: every layer trains from here
+                phase = phase_of(all_phases, epoch)
+                set_up_model(plain_model, family, phase, cfg.finetune.freeze_bn)
+                optimizer = phase_optimizer(cfg, plain_model, phase)
+                model, schedule, features = wrap(plain_model, cfg, procs, device), None, None
+            if schedule is None:
+                schedule = Schedule(cfg.scheduler, phase, len(data.train_loader))
+                if procs.is_main and phase.name != "all":
+                    log.info("epochs %d-%d: %s phase (%s)", phase.first_epoch, phase.last_epoch, phase.name,
+                             "only the head learns" if phase.name == "frozen" else "every layer learns")
             torch.manual_seed(cfg.trainer.seed + epoch)  # dropout, drop-connect: the same per epoch after a resume
             data.train_sampler.set_epoch(epoch)
-            set_lr(optimizer, base_lrs, schedule(epoch - 1))
-            lr = optimizer.param_groups[0]["lr"]
+            schedule.apply(optimizer, epoch, 0)
+            lr = max(group["lr"] for group in optimizer.param_groups)
+            set_lr = (lambda step, e=epoch: schedule.apply(optimizer, e, step)) if schedule.per_step else None
             started = time.perf_counter()
-            row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer, device, epoch,
-                                  amp=amp, log_interval=cfg.trainer.log_interval, show_progress=procs.is_main)
+            if head_only(cfg, phase, procs):
+                if features is None:
+                    features = head_features(plain_model, family, data.train_loader, normalizer, device,
+                                             show_progress=procs.is_main)
+                row = train_head_epoch(classifier(plain_model, family), *features, criterion, optimizer,
+                                       cfg.data.batch_size, epoch, cfg.trainer.seed, set_lr)
+            else:
+                row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer, device,
+                                      epoch, amp=amp, log_interval=cfg.trainer.log_interval,
+                                      show_progress=procs.is_main, set_lr=set_lr)
             # One set of BatchNorm statistics (rank 0's, the checkpoint's) for every rank's val shard, and the
             # plain module: DDP's forward would add a collective that val shards of unequal length could hang.
-            distributed.sync_buffers(model, procs)
-            row.update(evaluate(unwrap(model) if procs.distributed else model, data.val_loader, criterion,
-                                normalizer, device, classes, epoch, amp,
+            distributed.sync_buffers(plain_model, procs)
+            row.update(evaluate(plain_model, data.val_loader, criterion, normalizer, device, classes, epoch, amp,
                                 show_progress=procs.is_main))
             if not math.isfinite(row["val_loss"]):
                 raise NonFiniteLossError(
@@ -201,7 +199,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else f"val/{key}",
                                   row[key], epoch)
             writer.flush()
-            saver.save(saver.state(unwrap(model), optimizer, scaler, epoch, "all", classes, data.image_size,
+            saver.save(saver.state(plain_model, optimizer, scaler, epoch, phase.name, classes, data.image_size,
                                    plain_cfg, row))
     except KeyboardInterrupt:
         if procs.is_main:

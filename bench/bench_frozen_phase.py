@@ -133,6 +133,7 @@ def accuracy(args) -> dict:
     plans = {
         "head_1": [("frozen", 1)], "all_1": [("all", 1)], "staged_1+1": [("frozen", 1), ("unfrozen", 1)],
         "all_2": [("all", 2)], "staged_train_bn_1+1": [("frozen_train_bn", 1), ("unfrozen", 1)],
+        "staged_bn_eval_1+1": [("frozen", 1), ("unfrozen_bn_eval", 1)],
     }
     rows = {}
     for name, plan in plans.items():
@@ -147,8 +148,12 @@ def accuracy(args) -> dict:
                 if phase.startswith("frozen"):
                     freeze_body(model, FAMILY, freeze_bn=phase == "frozen")
                     groups, pct, div = param_groups(model, FAMILY, lr, 1.0, 0.01), 0.99, 25.0
-                elif phase == "unfrozen":  # fastai: base_lr / 2 over slice(lr / lr_mult, lr), pct 0.3, div 5
+                elif phase.startswith("unfrozen"):  # fastai: base_lr / 2 over slice(lr / lr_mult, lr), pct 0.3, div 5
                     unfreeze_body(model, FAMILY)
+                    if phase == "unfrozen_bn_eval":  # BatchNorm statistics stay the pretrained ones
+                        for module in model.modules():
+                            if isinstance(module, nn.BatchNorm2d):
+                                module.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
                     groups = param_groups(model, FAMILY, lr * args.unfrozen_lr_factor, args.lr_mult, 0.01)
                     pct, div = 0.3, 5.0
                 else:

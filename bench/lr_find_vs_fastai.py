@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from geektime.lr_find import SmoothedLoss, read_csv, suggest, sweep_lrs
+from geektime.lr_find import SmoothedLoss, read_csv, suggest, sweep_lrs  # noqa: E402 (after the sys.path line)
 
 OUT = REPO / "tests" / "data" / "lr_find"
 RULES = ("valley", "slide", "minimum", "steep")

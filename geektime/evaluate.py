@@ -9,6 +9,7 @@ agree; a txt that was edited by hand since this program wrote it is moved aside,
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -27,6 +28,7 @@ from geektime.data import InputNormalizer, ensure_digits, eval_loader, load_spli
 from geektime.engine import predict
 from geektime.errors import ConfigError
 from geektime.images import list_images
+from geektime.inference import fold_batchnorm
 from geektime.machine import cpu_count, resolve_device
 from geektime.metrics import (confusion_png_path, epoch_table, format_report, format_selection, format_table,
                               save_confusion_png, select_best, threshold_for, write_report, write_table_csv,
@@ -192,8 +194,8 @@ def evaluate_job(cfg: DictConfig, job: Job, inputs: Inputs, device: torch.device
     first, classes = job.first, job.first["classes"]
     model_cfg = OmegaConf.create({**first["config"]["model"], "pretrained": False})
     channels_last = channels_last_pays("auto", model_cfg.family, inputs.size, device)
-    model = build_model(model_cfg, len(classes), inputs.size).to(
-        device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    base = build_model(model_cfg, len(classes), inputs.size)
     normalizer = InputNormalizer(first["normalization"], device, channels_last)
     signature = checkpoint.input_signature(first)
     results = []
@@ -201,7 +203,9 @@ def evaluate_job(cfg: DictConfig, job: Job, inputs: Inputs, device: torch.device
         ckpt = first if path == job.files[0] else checkpoint.load(path)
         checkpoint.check_compatible(ckpt, path, signature, f"{job.files[0]} holds {checkpoint.describe(first)}",
                                     "The files of one run must share their input: evaluate them separately.")
-        model.load_state_dict(ckpt["model"])  # same architecture throughout: only the weights change
+        base.load_state_dict(ckpt["model"])  # same architecture throughout: only the weights change
+        # BatchNorm folded into the convolutions: 1.32x timm's eager eval where ours was 0.98x (bench_inference)
+        model = fold_batchnorm(copy.deepcopy(base)).to(device=device, memory_format=memory_format)
         probs = predict(model, inputs.loader, normalizer, device, amp=device.type == "cuda")
         txt = out_dir / (f"{path.stem}.txt" if inputs.labeled else f"{path.stem}_test.txt")
         move_aside_if_edited(txt)

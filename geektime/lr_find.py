@@ -317,29 +317,29 @@ def validate_lr_find_config(lcfg) -> None:
             raise ConfigError(f"lr_find.{key}={lcfg[key]!r} is not one of: {', '.join(choices)}")
 
 
-def staged_finetune(cfg: DictConfig) -> bool:
-    finetune = cfg.get("finetune")
-    return finetune is not None and str(finetune.get("name", "none")) != "none"
+def phase_to_sweep(cfg: DictConfig, phase_name: str):
+    """train.py's phase that lr_find sweeps: the only one ("all"), or the staged fine-tune's `lr_find.phase`."""
+    from geektime.finetune import phases
+
+    all_phases = phases(cfg)
+    if len(all_phases) == 1 and all_phases[0].name == "all":
+        return all_phases[0]
+    for phase in all_phases:
+        if phase.name == phase_name:
+            return phase
+    raise ConfigError(f"lr_find.phase={phase_name}: this staged fine-tune has no such phase "
+                      f"(trainer.epochs={cfg.trainer.epochs}, finetune.freeze_epochs={cfg.finetune.freeze_epochs}); "
+                      "give trainer.epochs more than finetune.freeze_epochs")
 
 
-def build_phase_optimizer(cfg: DictConfig, model: nn.Module, phase: str) -> tuple[torch.optim.Optimizer, float]:
-    """The optimizer train.py would use (in `phase` of a staged fine-tune), and what optimizer.lr is per unit of
-    the swept lr: the sweep's lr is the largest group's (the head's), which in the unfrozen phase of a staged
-    fine-tune is optimizer.lr * finetune.unfrozen_lr_factor (conf/finetune/staged.yaml)."""
-    if not staged_finetune(cfg):
-        from geektime.train import build_optimizer
+def build_phase_optimizer(cfg: DictConfig, model: nn.Module, phase) -> tuple[torch.optim.Optimizer, float]:
+    """The model set up and the optimizer built as train.py does for `phase`, and optimizer.lr per unit of the
+    swept lr: the sweep's lr is the largest group's (the head's), which is the phase's lr (in the unfrozen phase
+    of a staged fine-tune, optimizer.lr * finetune.unfrozen_lr_factor)."""
+    from geektime.finetune import phase_optimizer, set_up_model
 
-        return build_optimizer(cfg.optimizer, model), 1.0
-    from geektime.models import freeze_body
-    from geektime.optim import optimizer_from_config
-
-    ft, family = cfg.finetune, cfg.model.family
-    if phase == "frozen":
-        freeze_body(model, family, bool(ft.freeze_bn))
-        return optimizer_from_config(cfg.optimizer, model, family), 1.0
-    factor = float(ft.unfrozen_lr_factor)
-    return optimizer_from_config(cfg.optimizer, model, family, lr=cfg.optimizer.lr * factor,
-                                 lr_mult=float(ft.lr_mult)), 1.0 / factor
+    set_up_model(model, str(cfg.model.family), phase, cfg.finetune.freeze_bn)
+    return phase_optimizer(cfg, model, phase), cfg.optimizer.lr / phase.lr
 
 
 def train_command(overrides: Sequence[str], lr: float) -> str:
@@ -375,8 +375,9 @@ def main(cfg: DictConfig) -> dict:
     model = build_model(cfg.model, len(data.classes), data.image_size)
     channels_last = channels_last_pays(cfg.trainer.channels_last, cfg.model.family, data.image_size, device)
     model.to(device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer, lr_per_swept = build_phase_optimizer(cfg, model, lcfg.phase)
-    phase = f", {lcfg.phase} phase of the staged fine-tune" if staged_finetune(cfg) else ""
+    swept_phase = phase_to_sweep(cfg, lcfg.phase)
+    optimizer, lr_per_swept = build_phase_optimizer(cfg, model, swept_phase)
+    phase = f", {swept_phase.name} phase of the staged fine-tune" if swept_phase.name != "all" else ""
     normalizer = InputNormalizer(cfg.model.normalization, device, channels_last)
     log.info("lr_find: %s%s on %s, %d train images at %s, batch %d, %d parameter group(s), lr %.1e -> %.1e "
              "over %d steps", cfg.model.name, phase, device, len(data.train), data.image_size, cfg.data.batch_size,
@@ -401,8 +402,8 @@ def main(cfg: DictConfig) -> dict:
         raise ConfigError(f"lr_find: the curve ({len(sweep.lrs)} steps) is too short for the {lcfg.suggestion} "
                           f"rule; raise lr_find.num_it or lr_find.stop_factor, or pick another lr_find.suggestion. "
                           f"Curve: {run_dir / 'lr_find.csv'}")
-    head = (f" (the unfrozen phase's head lr: optimizer.lr x finetune.unfrozen_lr_factor = {lr:.3g})"
-            if lr_per_swept != 1.0 else "")
+    head = (f" (the {swept_phase.name} phase's head lr: optimizer.lr x finetune.unfrozen_lr_factor = {lr:.3g})"
+            if swept_phase.name == "unfrozen" else "")
     print(f"suggested lr ({lcfg.suggestion}{phase}): {lr:.3g}\n"
           f"override: optimizer.lr={value:g}{head}\n"
           f"  {train_command(hydra_cfg.overrides.task, value)}\n"

@@ -55,8 +55,8 @@ def predict_files(engine: Engine, paths: list[str], batch_size: int = 32,
         keep = np.array([p not in unusable for p in paths])
         images, paths = images[keep], [p for p, k in zip(paths, keep) if k]
     batches = range(0, len(paths), batch_size)
-    out = [engine.predict(images[i:i + batch_size].numpy())
-           for i in tqdm(batches, desc="predicting", unit="batch", leave=False, disable=not progress or len(batches) < 2)]
+    bar = tqdm(batches, desc="predicting", unit="batch", leave=False, disable=not progress or len(batches) < 2)
+    out = [engine.predict(images[i:i + batch_size].numpy()) for i in bar]
     probs = np.concatenate(out) if out else np.zeros((0, len(engine.classes)), dtype=np.float32)
     return probs, paths, bad
 
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if txt is not None:
         write_predictions(txt, engine.classes, probs, np.full(len(paths), -1), paths, header={
             "model": str(engine.path), "backend": engine.backend, "data": " ".join(map(str, folders or args.inputs)),
-            "image_size": f"{engine.image_size[0]}x{engine.image_size[1]}", "transform": engine.info["transforms"]["name"],
-            "date": datetime.now().isoformat(timespec="seconds")})
+            "image_size": f"{engine.image_size[0]}x{engine.image_size[1]}",
+            "transform": engine.info["transforms"]["name"], "date": datetime.now().isoformat(timespec="seconds")})
         print(f"-> {txt}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

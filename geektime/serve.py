@@ -103,7 +103,7 @@ class Batcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before Python 3.11
                 break
         return batch
 
@@ -185,17 +185,17 @@ async def fetch_url(url: str, settings: Settings) -> bytes:
     """The body of an http(s) URL, within the size and time limits and the address policy."""
     import httpx
 
+    async def follow(url: str) -> bytes:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=settings.url_timeout_s, trust_env=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                url, body = await _fetch_once(client, url, settings)
+                if body is not None:
+                    return body
+            raise ApiError(502, f"more than {MAX_REDIRECTS} redirects")
+
     try:
-        async with asyncio.timeout(settings.url_timeout_s):
-            async with httpx.AsyncClient(follow_redirects=False, timeout=settings.url_timeout_s,
-                                         trust_env=False) as client:
-                for _ in range(MAX_REDIRECTS + 1):
-                    response_url, body = await _fetch_once(client, url, settings)
-                    if body is not None:
-                        return body
-                    url = response_url
-                raise ApiError(502, f"more than {MAX_REDIRECTS} redirects")
-    except TimeoutError:
+        return await asyncio.wait_for(follow(url), settings.url_timeout_s)  # one limit for every hop together
+    except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before Python 3.11
         raise ApiError(504, f"the URL did not answer within {settings.url_timeout_s:g} s") from None
     except httpx.HTTPError as err:
         raise ApiError(502, f"could not fetch the URL: {type(err).__name__}: {err}") from None

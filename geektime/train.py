@@ -27,6 +27,7 @@ from geektime.hparams import log_hparams, run_hparams
 from geektime.machine import default_threads
 from geektime.metrics import pick_best
 from geektime.finetune import Phase, Schedule, phase_of, phase_optimizer, phases, set_up_model
+from geektime.schema import TrainConfig
 from geektime.models import build_model, channels_last_pays, classifier, head_features
 
 log = logging.getLogger("geektime.train")
@@ -38,16 +39,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def config_for_resume(cfg: DictConfig, ckpt: dict) -> DictConfig:
-    """The checkpoint's own config, with only what was given on this command line changed."""
+def config_for_resume(cfg: DictConfig, ckpt: dict, overrides: list[str]) -> DictConfig:
+    """The checkpoint's own config, with only what was given on this command line (`overrides`) changed."""
     resumed = OmegaConf.create(ckpt["config"])
-    for override in HydraConfig.get().overrides.task:
+    for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "trainer.resume" or key.startswith("hydra"):
             continue
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     resumed.trainer.resume = cfg.trainer.resume
-    return resumed
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), resumed)
 
 
 def metric_columns(classes: list[str]) -> list[str]:
@@ -98,7 +99,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.trainer.resume:
         resume_path = checkpoint.resume_file(cfg.trainer.resume)
         ckpt = checkpoint.load(resume_path)
-        cfg = config_for_resume(cfg, ckpt)
+        cfg = config_for_resume(cfg, ckpt, list(HydraConfig.get().overrides.task))
     validate_train_config(cfg)
     procs = distributed.setup(cfg.trainer.device)
     run_dir = Path(distributed.broadcast_object(str(run_dir), procs))  # every rank: rank 0's run folder

@@ -54,6 +54,7 @@ def _load(folder: Path, cache_dir: Path, size, transform, fill, data_keys, delay
 
 
 def _child(conn, args):
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork: parallel ops would hang
     try:
         result = _load(*args)
         result["images"] = result["images"].numpy()  # plain pickling: torch would pass a shared-memory handle

@@ -46,6 +46,7 @@ def ddp(tmp_path_factory):
     return {"root": root, "work": work, "data": data, "val_dir": val_dir, "proc": proc}
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_folder_from_rank_0(ddp):
     work, proc = ddp["work"], ddp["proc"]
     assert [p.name for p in work.iterdir()] == ["checkpoints"]  # no train.log or .hydra/ of another rank
@@ -65,6 +66,7 @@ def test_two_processes_write_one_run_folder_from_rank_0(ddp):
     assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped model
 
 
+@pytest.mark.slow
 def test_two_process_val_metrics_equal_a_single_process_evaluation_of_the_checkpoints(ddp, tmp_path):
     run = next((ddp["work"] / "checkpoints").iterdir())
     run_script("evaluate.py", f"checkpoint={run}", f"out_dir={tmp_path}", "trainer.threads=1")
@@ -101,6 +103,7 @@ def single_process_val_loss(ckpt: dict) -> float:
                     data.classes, show_progress=False)["val_loss"]
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_continues_like_a_straight_run(ddp):
     straight = next((ddp["work"] / "checkpoints").iterdir())
     run = ddp["root"] / "resumed"  # the straight run as it was after epoch 1
@@ -120,6 +123,7 @@ def test_resume_under_torchrun_continues_like_a_straight_run(ddp):
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_two_jobs_side_by_side_and_summarizes_them(tmp_path, folders):
     train_dir, val_dir = folders
     sweep = tmp_path / "sweep"
@@ -152,6 +156,7 @@ def compose_train(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
+@pytest.mark.slow
 def test_submitit_slurm_launcher_composes_without_a_cluster():
     out = run_script("train.py", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                      "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=90", "model=efficientnet_b3",

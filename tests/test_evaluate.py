@@ -17,6 +17,8 @@ from geektime.metrics import classification_report
 from geektime.models import build_model
 from geektime.predictions import read_predictions
 
+pytestmark = pytest.mark.slow  # real runs of train.py / evaluate.py in subprocesses
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

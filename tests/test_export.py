@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO, make_folders, train_tiny
 from omegaconf import OmegaConf
 
+from conftest import REPO, make_folders, train_tiny
 from efficientnet_pytorch import EfficientNet
 from geektime.data import InputNormalizer, build_transform, decode_all, decode_size
 from geektime.export import export

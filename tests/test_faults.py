@@ -41,6 +41,8 @@ from conftest import tiny_state, REPO, TINY, make_folders, make_image, run_scrip
 from geektime import checkpoint
 from geektime.predictions import read_predictions
 
+pytestmark = pytest.mark.slow  # real runs of train.py / evaluate.py in subprocesses
+
 JOBS = max(3, min(4, os.cpu_count() or 1))  # the runs wait on imports and disk much of the time
 COUNTS: Counter = Counter()
 

@@ -91,3 +91,29 @@ def test_imagenet_weights_beat_training_from_scratch_on_real_photos(tmp_path):
         run_script("train.py", *common, *extra, f"hydra.run.dir={run}")
         results[name] = json.loads((run / "result.json").read_text())["best"]["val_acc"]
     assert results["transfer"] >= 0.85 and results["transfer"] >= results["scratch"] + 0.15, results
+
+
+def test_epoch_schedules_warm_up_then_step_or_cosine():
+    from geektime.optim import lr_factor
+
+    cosine = lr_factor(compose_train("scheduler=cosine", "scheduler.warmup_epochs=2", "scheduler.min_lr=0.001").scheduler,
+                       epochs=6, lr=0.01)
+    assert [round(cosine(d), 6) for d in (0, 1, 2)] == [0.1, 0.55, 1.0]
+    assert cosine(6) == pytest.approx(0.1)  # min_lr / lr at the end
+    assert cosine(4) == pytest.approx(0.1 + 0.9 * 0.5)
+    step = lr_factor(compose_train("scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5").scheduler, 6, 0.01)
+    assert [step(d) for d in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert lr_factor(compose_train("scheduler=none").scheduler, 6, 0.01)(5) == 1.0
+
+
+def test_a_resume_follows_its_checkpoints_config_changed_only_by_the_command_line():
+    from geektime.config import to_plain
+    from geektime.train import config_for_resume
+
+    saved = to_plain(compose_train("model=resnet18", "optimizer.lr=0.05", "trainer.epochs=3"))
+    now = compose_train("trainer.epochs=8", "trainer.resume=/runs/a")  # everything else: this machine's defaults
+    resumed = config_for_resume(now, {"config": saved}, ["trainer.epochs=8", "trainer.resume=/runs/a",
+                                                         "hydra.run.dir=x"])
+    assert resumed.trainer.epochs == 8 and resumed.trainer.resume == "/runs/a"
+    assert resumed.model.name == "resnet18" and resumed.optimizer.lr == 0.05
+    assert str(resumed.model.family) == "resnet"  # typed again by the schema

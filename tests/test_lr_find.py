@@ -234,7 +234,8 @@ def test_lr_find_config_errors_name_the_key():
 
 def run_lr_find(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "geektime.lr_find", *args], check=False, cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 @pytest.mark.slow
@@ -276,37 +277,48 @@ def test_cli_refuses_torchrun(folders, tmp_path):
     assert "error: lr_find runs in one process" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("phase", ["frozen", "unfrozen"])
-def test_staged_finetune_phase_sweeps_what_train_would_train(phase):
+def finetune_cfg(name: str, epochs: int = 5) -> OmegaConf:
+    return OmegaConf.create({
+        "model": {"family": "resnet"}, "trainer": {"epochs": epochs}, "scheduler": {"pct_start": 0.25},
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False},
+        "finetune": {"name": name, "freeze_epochs": 1, "freeze_bn": True, "lr_mult": 100.0,
+                     "unfrozen_lr_factor": 0.5, "frozen_pct_start": 0.99}})
+
+
+@pytest.mark.parametrize("phase_name", ["frozen", "unfrozen"])
+def test_staged_finetune_phase_sweeps_what_train_would_train(phase_name):
     import torchvision
 
-    from geektime.lr_find import build_phase_optimizer
+    from geektime.lr_find import build_phase_optimizer, phase_to_sweep
 
-    cfg = OmegaConf.create({
-        "model": {"family": "resnet"},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False},
-        "finetune": {"name": "staged", "freeze_bn": True, "lr_mult": 100.0, "unfrozen_lr_factor": 0.5}})
     model = torchvision.models.resnet18(num_classes=2)
-    optimizer, lr_per_swept = build_phase_optimizer(cfg, model, phase)
+    phase = phase_to_sweep(finetune_cfg("staged"), phase_name)
+    optimizer, lr_per_swept = build_phase_optimizer(finetune_cfg("staged"), model, phase)
     swept = {id(p) for group in optimizer.param_groups for p in group["params"]}
     lrs = sorted({group["lr"] for group in optimizer.param_groups})
-    if phase == "frozen":
+    if phase_name == "frozen":
         assert swept == {id(p) for p in model.fc.parameters()} and lrs == [0.01] and lr_per_swept == 1.0
     else:
         assert swept == {id(p) for p in model.parameters()}
         assert lrs == pytest.approx([0.005 / 100, 0.005 / 10, 0.005]) and lr_per_swept == 2.0
 
 
-def test_without_a_staged_finetune_the_optimizer_is_train_pys():
-    from geektime.lr_find import build_phase_optimizer
-    from geektime.train import build_optimizer
+def test_without_a_staged_finetune_every_layer_is_swept_at_one_lr():
+    import torchvision
 
-    cfg = OmegaConf.create({"model": {"family": "resnet"}, "finetune": {"name": "none"},
-                            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-                                          "nesterov": False}})
-    model = tiny_net()
-    optimizer, lr_per_swept = build_phase_optimizer(cfg, model, "frozen")
-    reference = build_optimizer(cfg.optimizer, model)
-    assert lr_per_swept == 1.0 and all(p.requires_grad for p in model.parameters())
-    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == \
-        [[id(p) for p in g["params"]] for g in reference.param_groups]
+    from geektime.lr_find import build_phase_optimizer, phase_to_sweep
+
+    cfg = finetune_cfg("none")
+    model = torchvision.models.resnet18(num_classes=2)
+    phase = phase_to_sweep(cfg, "frozen")  # the setting means nothing without a staged fine-tune
+    optimizer, lr_per_swept = build_phase_optimizer(cfg, model, phase)
+    assert phase.name == "all" and lr_per_swept == 1.0
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    assert {g["lr"] for g in optimizer.param_groups} == {0.01}
+
+
+def test_unfrozen_phase_that_the_run_does_not_have_is_refused():
+    from geektime.lr_find import phase_to_sweep
+
+    with pytest.raises(ConfigError, match="lr_find.phase=unfrozen"):
+        phase_to_sweep(finetune_cfg("staged", epochs=1), "unfrozen")

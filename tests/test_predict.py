@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_folders, make_image, run_script, train_tiny
 
+from conftest import REPO, make_folders, make_image, run_script, train_tiny
 from geektime import predict
 from geektime.export import export
 from geektime.predictions import read_predictions

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.server
 import io
 import json
@@ -18,10 +19,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import DORAEMON_WALLE, REPO, make_folders, train_tiny
 from PIL import Image
 from starlette.testclient import TestClient
 
+from conftest import DORAEMON_WALLE, REPO, make_folders, train_tiny
 from geektime import predict
 from geektime.images import load_rgb
 from geektime.inference import Engine
@@ -139,8 +140,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 def file_server(tmp_path, trained):
     shutil.copy(min((trained[1] / "blue").iterdir()), tmp_path / "photo.jpg")
     (tmp_path / "big.jpg").write_bytes(b"\xff" * (MAX_BYTES + 1))
-    handler = lambda *a, **k: _Handler(*a, directory=str(tmp_path), **k)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(tmp_path)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "photo.jpg"

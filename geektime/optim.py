@@ -4,6 +4,7 @@ the one-cycle policy as a pure function of the global step.
 A parameter group carries its own `base_lr` (the lr a schedule factor of 1 gives), so one factor per step
 drives groups whose lrs differ (head vs body); torch saves the extra key with the optimizer's state.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def group_lrs(lr: float, lr_mult: float, count: int) -> list[float]:
     return [lr / lr_mult ** ((count - 1 - i) / (count - 1)) for i in range(count)]
 
 
-def param_groups(model: nn.Module, family: str, lr: float, lr_mult: float = 1.0,
-                 weight_decay: float = 0.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, family: str, lr: float, lr_mult: float = 1.0, weight_decay: float = 0.0
+) -> list[dict]:
     """Optimizer parameter groups over `layer_groups` (body early, body late, head), lrs spread by `group_lrs`.
 
     Only parameters that require a gradient are included (a frozen body adds none). Biases and norm weights
@@ -37,15 +39,28 @@ def param_groups(model: nn.Module, family: str, lr: float, lr_mult: float = 1.0,
         for decay in (True, False):
             chosen = [p for p in trainable if (p.ndim > 1) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": group_lr, "base_lr": group_lr,
-                               "weight_decay": weight_decay if decay else 0.0})
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr": group_lr,
+                        "base_lr": group_lr,
+                        "weight_decay": weight_decay if decay else 0.0,
+                    }
+                )
     if not groups:
         raise ValueError("no parameter of the model requires a gradient: nothing to optimize")
     return groups
 
 
-def build_optimizer(name: str, groups: list[dict], *, momentum: float = 0.9, nesterov: bool = False,
-                    betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-5) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    groups: list[dict],
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.99),
+    eps: float = 1e-5,
+) -> torch.optim.Optimizer:
     """SGD (with momentum, optionally Nesterov) or AdamW over `groups` (each with its lr and weight_decay).
 
     AdamW's defaults are fastai's (betas (0.9, 0.99), eps 1e-5; weight_decay 0.01 in conf/optimizer/adamw.yaml):
@@ -58,13 +73,19 @@ def build_optimizer(name: str, groups: list[dict], *, momentum: float = 0.9, nes
     raise ConfigError(f"optimizer.name={name!r} is not one of: {', '.join(OPTIMIZERS)}")
 
 
-def optimizer_from_config(ocfg, model: nn.Module, family: str, lr: float | None = None,
-                          lr_mult: float = 1.0) -> torch.optim.Optimizer:
+def optimizer_from_config(
+    ocfg, model: nn.Module, family: str, lr: float | None = None, lr_mult: float = 1.0
+) -> torch.optim.Optimizer:
     """The optimizer group's choice over `model`'s trainable parameters; `lr` (default `ocfg.lr`) is the head's."""
     groups = param_groups(model, family, ocfg.lr if lr is None else lr, lr_mult, ocfg.weight_decay)
-    return build_optimizer(str(ocfg.name), groups, momentum=ocfg.get("momentum", 0.9),
-                           nesterov=ocfg.get("nesterov", False), betas=tuple(ocfg.get("betas", (0.9, 0.99))),
-                           eps=ocfg.get("eps", 1e-5))
+    return build_optimizer(
+        str(ocfg.name),
+        groups,
+        momentum=ocfg.get("momentum", 0.9),
+        nesterov=ocfg.get("nesterov", False),
+        betas=tuple(ocfg.get("betas", (0.9, 0.99))),
+        eps=ocfg.get("eps", 1e-5),
+    )
 
 
 def _cos(start: float, end: float, pos: float) -> float:
@@ -72,8 +93,14 @@ def _cos(start: float, end: float, pos: float) -> float:
     return start + (1.0 + math.cos(math.pi * (1.0 - pos))) * (end - start) / 2.0
 
 
-def onecycle(step: int, total_steps: int, pct_start: float = 0.25, div: float = 25.0, div_final: float = 1e5,
-             moms: tuple[float, float, float] = (0.95, 0.85, 0.95)) -> tuple[float, float]:
+def onecycle(
+    step: int,
+    total_steps: int,
+    pct_start: float = 0.25,
+    div: float = 25.0,
+    div_final: float = 1e5,
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
+) -> tuple[float, float]:
     """(lr factor, momentum) of the one-cycle policy before global step `step` of `total_steps`.
 
     The lr rises along a cosine from 1/div to 1 over the first `pct_start` of the steps, then falls along a

@@ -29,7 +29,11 @@ def test_model_group_lists_every_architecture():
                                    + [f"resnet{n}" for n in (18, 34, 50, 101, 152)])
 
 
-@pytest.mark.parametrize("name", model_names())
+FAST_MODELS = {"efficientnet_b0", "efficientnet_lite0", "resnet18"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_MODELS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in model_names()])
 def test_every_model_config_composes_builds_and_runs(name):
     cfg = compose_train(f"model={name}")
     validate_train_config(cfg)

@@ -191,6 +191,8 @@ def test_ranks_other_than_0_get_no_run_folder_hydra_files_or_log_file(monkeypatc
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(key, value)
     rank1 = compose_train()
+    with open_dict(rank1):
+        rank1.hydra.runtime.output_dir = str(tmp_path / "run")
     assert rank1.hydra.output_subdir is None and rank1.hydra.run.dir == "."
     assert rank1.hydra.job_logging.root.level == "WARNING"
     assert list(rank1.hydra.job_logging.root.handlers) == ["console", "none"]

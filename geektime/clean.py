@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from geektime.images import move_file
 
 LOG_FIELDS = ("action", "src", "dst")
 
@@ -98,14 +99,8 @@ def carry_out(moves: list[Move], record: Callable[[Move], None] | None = None,
             problems.append(f"{move.src}: not there (moved already?)")
             continue
         dst = free_name(move.dst) if rename else move.dst
-        if dst.exists() or dst.is_symlink():
-            problems.append(f"{move.src}: not moved, {dst} already exists")
-            continue
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(move.src, dst)
-        except OSError as err:
-            problems.append(f"{move.src}: not moved: {err}")
+        if (why := move_file(move.src, dst)) is not None:
+            problems.append(f"{move.src}: not moved: {why}")
             continue
         if record is not None:
             record(Move(move.action, move.src, dst))

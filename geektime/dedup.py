@@ -27,7 +27,6 @@ import csv
 import hashlib
 import html
 import os
-import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from geektime.badcases import thumbnail_data_uri
-from geektime.images import BadImageError, list_images, load_rgb
+from geektime.images import BadImageError, list_images, load_rgb, move_file
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 KINDS = ("exact", "near", "model")
@@ -310,14 +309,8 @@ def quarantine_exact(pairs: Iterable[Pair], root: Path, qdir: Path) -> tuple[int
         if pair.kind != "exact" or not pair.b.exists():
             continue
         target = qdir / pair.b.relative_to(root)
-        if target.exists() or target.is_symlink():
-            problems.append(f"not moved: {target} already exists (move it away and run again)")
-            continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(pair.b, target)
-        except OSError as err:
-            problems.append(f"not moved: {pair.b}: {err}")
+        if (why := move_file(pair.b, target)) is not None:
+            problems.append(f"not moved: {pair.b}: {why}")
             continue
         print(f"  moved {pair.b} -> {target}")
         moved += 1

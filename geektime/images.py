@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -281,3 +282,19 @@ def _decode_failure(err: Exception) -> str:
     if isinstance(err, EOFError) or "truncated" in str(err).lower():
         return "truncated file: the image data ends early (an interrupted download or copy)"
     return f"corrupt image data ({type(err).__name__}: {err})"
+
+
+def move_file(src: str | os.PathLike, dst: str | os.PathLike) -> str | None:
+    """Move `src` to `dst` (folders created), never over an existing file: why it could not, or None.
+
+    The one way every tool takes a user's file out of a folder (verify, dedup and clean quarantine, clean's
+    relabels): nothing is deleted, nothing overwritten."""
+    dst = Path(dst)
+    if dst.exists() or dst.is_symlink():
+        return f"{dst} already exists (move it away and run again)"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(os.fspath(src), dst)
+    except OSError as err:
+        return f"{err.strerror or err}"
+    return None

@@ -15,11 +15,10 @@ Exit status: 0 all images usable, 1 some are not (even when quarantined), 2 usag
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from geektime.images import IMAGE_EXTENSIONS, scan_images, walk_files
+from geektime.images import IMAGE_EXTENSIONS, move_file, scan_images, walk_files
 from geektime.predictions import printable
 
 
@@ -52,14 +51,8 @@ def _quarantine(bad: list[tuple[Path, str]], root: Path, qdir: Path) -> int:
     moved = 0
     for path, _ in bad:
         target = qdir / path.relative_to(root)
-        if target.exists() or target.is_symlink():
-            print(f"  not moved: {printable(target)} already exists (move it away and run again)")
-            continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(path, target)
-        except OSError as err:
-            print(f"  not moved: {printable(path)}: {err.strerror or err}")
+        if (why := move_file(path, target)) is not None:
+            print(f"  not moved: {printable(path)}: {printable(why)}")
             continue
         print(f"  moved {printable(path)} -> {printable(target)}")
         moved += 1

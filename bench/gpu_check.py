@@ -11,7 +11,7 @@ Parts, each printed as it finishes (and all of them written to --out as JSON):
           checkpoints: wall time and images/s;
   ddp     `torchrun --nproc_per_node 2 train.py` for the same 2 epochs when 2 GPUs exist.
 
-    bench/gpu_check.sh [--no-compile] [--batch-size 128] [--out gpu_check.json]
+    bench/gpu_check.sh [--no-compile] [--batch-size 128] [--parts train data eval ddp] [--out gpu_check.json]
     python bench/gpu_check.py --cpu-smoke     # every part for a few steps on the CPU: proves the script runs
 
 Without CUDA (and without --cpu-smoke) it says so and exits 0. Photos come from ../shared/datasets/doraemon_walle
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,12 +165,20 @@ def part_data(args, gpu_rate: float | None) -> dict:
 
 # ---------------------------------------------------------------- eval and ddp: the scripts as a user runs them
 
-def run(argv: list[str], env: dict | None = None) -> float:
+def run(argv: list[str], env: dict | None = None, timeout: float | None = None) -> float:
+    """Wall seconds of `argv` from the repo root; on a timeout its whole process group (torchrun's workers too)
+    is killed and TimeoutError raised."""
     started = time.perf_counter()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
-                          env=dict(os.environ, **(env or {})))
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})), start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise TimeoutError(f"{' '.join(argv[:6])} ... still running after {timeout:.0f} s: killed") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n{err[-2000:]}")
     return time.perf_counter() - started
 
 
@@ -199,14 +208,28 @@ def part_eval(args, device: str, work: Path) -> dict:
 
 
 def part_ddp(args, device: str, work: Path, single_s: float) -> dict:
-    run_dir = work / "ddp"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *train_argv(args, run_dir, device)]
-    seconds = run(argv, {"GEEKTIME_CACHE": str(work / "views")})
-    ok = (run_dir / "last.pth").is_file()
-    print(f"  ddp   torchrun 2 processes, {args.epochs} epoch(s): {seconds:.1f} s (1 process: {single_s:.1f} s), "
-          f"last.pth {'written' if ok else 'MISSING'}", flush=True)
-    return {"seconds": seconds, "single_process_s": single_s, "last_pth": ok}
+    """torchrun as a user runs it; if that hangs (past 3x the 1-process run), once more without the disk cache."""
+    result = {"single_process_s": single_s}
+    for label, extra in (("default", []), ("data.disk_cache=false", ["data.disk_cache=false"])):
+        run_dir = work / f"ddp_{len(result)}"
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                *train_argv(args, run_dir, device), *extra]
+        try:
+            seconds = run(argv, {"GEEKTIME_CACHE": str(work / "views")}, timeout=max(120.0, 3 * single_s))
+        except TimeoutError as err:
+            result[label] = "hung"
+            print(f"  ddp   torchrun 2 processes ({label}): HUNG: {err}", flush=True)
+            continue
+        ok = (run_dir / "last.pth").is_file()
+        result[label] = {"seconds": seconds, "last_pth": ok}
+        print(f"  ddp   torchrun 2 processes ({label}), {args.epochs} epoch(s): {seconds:.1f} s "
+              f"(1 process: {single_s:.1f} s), last.pth {'written' if ok else 'MISSING'}", flush=True)
+        if not ok:
+            raise RuntimeError(f"torchrun wrote no {run_dir / 'last.pth'}")
+        break
+    else:
+        raise RuntimeError("torchrun hung with and without the disk cache")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-images", type=int, default=2000, help="images the data part draws per variant")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--data", type=Path, default=DATA if (DATA / "train").is_dir() else None)
+    parser.add_argument("--parts", nargs="+", choices=["train", "data", "eval", "ddp"],
+                        default=["train", "data", "eval", "ddp"])
     parser.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
 
@@ -248,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                      "efficientnet_b0 amp+channels_last") if device.type == "cuda" else None)),
                  ("eval", lambda: part_eval(args, device.type, work))]
         if gpus >= 2 or args.cpu_smoke:
-            parts.append(("ddp", lambda: part_ddp(args, device.type, work, report["eval"]["train_s"])))
-        else:
+            parts.append(("ddp", lambda: part_ddp(args, device.type, work, report.get("eval", {}).get("train_s", 0))))
+        elif "ddp" in args.parts:
             print("  ddp   skipped: fewer than 2 GPUs")
         for key, part in parts:
+            if key not in args.parts:
+                continue
             started = time.perf_counter()
             try:
                 report[key] = part()

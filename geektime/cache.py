@@ -126,6 +126,8 @@ class ViewCache:
         unreadable files with their reasons; decoded now, with `decode(job)` -> (uint8 CHW array | None, reason
         | None) over `jobs` (one per path) in worker processes, unless a complete entry exists. None (with a
         warning) when the cache folder cannot hold the entry: the caller decodes as without a cache."""
+        if not paths:
+            return torch.empty((0, 3, *spec["view_size"]), dtype=torch.uint8), []
         stats = file_stats(paths)
         name = entry_name(label, spec, stats)
         entry_bytes = len(paths) * 3 * spec["view_size"][0] * spec["view_size"][1]
@@ -148,7 +150,12 @@ class ViewCache:
                     if not self._make_room(entry_bytes, keep=name):
                         os.close(lock)
                         return None
-                    self._build(name, label, spec, stats, decode, jobs, workers, progress)
+                    try:
+                        self._build(name, label, spec, stats, decode, jobs, workers, progress)
+                    except OSError as err:  # the disk filled up under us, a read-only folder, ...
+                        log.warning("data.cache_dir=%s: %s; decoding without the disk cache.", self.root, err)
+                        os.close(lock)
+                        return None
                 else:
                     os.utime(self.root / f"{name}.json")  # recently used: evicted last
             except BaseException:
@@ -206,17 +213,19 @@ class ViewCache:
         started = time.perf_counter()
         count, shape = len(jobs), (3, *spec["view_size"])
         tmp = self.root / f"{name}.{os.getpid()}.tmp.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, *shape)) if count else None
-        bad, row = [], 0
+        bad, row, pool = [], 0, None
         workers = workers or cpu_count()
         bar = tqdm(total=count, desc=f"decoding {label} into the cache", unit="img", leave=False,
                    dynamic_ncols=True, disable=not progress)
-        if workers > 1 and count > 8:
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            results = pool.imap(decode, jobs, chunksize=max(1, min(32, count // (workers * 8))))
-        else:
-            pool, results = None, map(decode, jobs)
         try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, *shape))
+            with open(tmp, "r+b") as f:  # the blocks now: a full disk is an OSError here, not a SIGBUS mid-write
+                os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)
+            if workers > 1 and count > 8:
+                pool = multiprocessing.get_context("fork").Pool(workers)
+                results = pool.imap(decode, jobs, chunksize=max(1, min(32, count // (workers * 8))))
+            else:
+                results = map(decode, jobs)
             for (path, _, _), (array, reason) in zip(stats, results):
                 if reason is None:
                     out[row] = array
@@ -224,19 +233,18 @@ class ViewCache:
                 else:
                     bad.append((path, reason))
                 bar.update()
-            if out is not None:
-                out.flush()
-                offset = out.offset
-                del out
-                # Only the good rows: the header's shape rewritten (numpy pads it so that the first axis can
-                # shrink or grow in place) and the file cut after the last good image.
-                with open(tmp, "r+b") as f:
-                    np.lib.format.write_array_header_1_0(
-                        f, {"descr": "|u1", "fortran_order": False, "shape": (row, *shape)})
-                    if f.tell() != offset:
-                        raise RuntimeError(f"{tmp}: the .npy header changed length")
-                    f.truncate(offset + row * int(np.prod(shape)))
-                os.replace(tmp, self.root / f"{name}.npy")
+            out.flush()
+            offset = out.offset
+            del out
+            # Only the good rows: the header's shape rewritten (numpy pads it so that the first axis can
+            # shrink or grow in place) and the file cut after the last good image.
+            with open(tmp, "r+b") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                         "shape": (row, *shape)})
+                if f.tell() != offset:
+                    raise RuntimeError(f"{tmp}: the .npy header changed length")
+                f.truncate(offset + row * int(np.prod(shape)))
+            os.replace(tmp, self.root / f"{name}.npy")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

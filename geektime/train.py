@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from geektime import checkpoint, distributed, runs
 from geektime.config import to_plain, validate_train_config
-from geektime.data import InputNormalizer, build_data
+from geektime.data import InputNormalizer, build_data, eval_loader
 from geektime.engine import evaluate, train_head_epoch, train_one_epoch
 from geektime.errors import EXPECTED_FAILURES, ConfigError, NonFiniteLossError, RunFolderError
 from geektime.hparams import METRICS as HPARAMS_METRICS
@@ -173,8 +173,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             started = time.perf_counter()
             if head_only(cfg, phase, procs):
                 if features is None:
-                    features = head_features(plain_model, family, data.train_loader, normalizer, device,
-                                             show_progress=procs.is_main)
+                    # In index order, not this epoch's shuffle: a resumed run must pair the same batches.
+                    features = head_features(plain_model, family, eval_loader(data.train, cfg.data), normalizer,
+                                             device, show_progress=procs.is_main)
                 row = train_head_epoch(classifier(plain_model, family), *features, criterion, optimizer,
                                        cfg.data.batch_size, epoch, cfg.trainer.seed, set_lr)
             else:

@@ -68,9 +68,9 @@ TINY = ["model=resnet18", "data.image_size=[32,32]", "data.batch_size=4", "train
         "optimizer.lr=0.01", "trainer.log_interval=2"]
 
 
-def train_tiny(run_dir: Path, train_dir: Path, val_dir: Path, *extra: str, check: bool = True):
+def train_tiny(run_dir: Path, train_dir: Path, val_dir: Path, *extra: str, check: bool = True, env: dict | None = None):
     return run_script("train.py", *TINY, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
-                      f"hydra.run.dir={run_dir}", *extra, check=check)
+                      f"hydra.run.dir={run_dir}", *extra, check=check, env=env)
 
 
 def start_script(script: str, *args: str, log: Path, env: dict | None = None) -> subprocess.Popen:

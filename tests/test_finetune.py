@@ -70,8 +70,11 @@ def test_resume_in_either_phase_equals_a_straight_run(tmp_path, folders, stop):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = (*STAGED, "scheduler=onecycle", "trainer.device=cpu")
     train_tiny(straight, *folders, "trainer.epochs=4", *common)
-    train_tiny(resumed, *folders, f"trainer.epochs={stop}", *common)
-    proc = run_script("train.py", f"trainer.resume={resumed}", "trainer.epochs=4")
+    # The same run killed while writing epoch stop+1's checkpoint (geektime.testpoints), then resumed.
+    killed = train_tiny(resumed, *folders, "trainer.epochs=4", *common, check=False,
+                        env={"GEEKTIME_SIGNAL_AT": f"checkpoint_write:{stop + 1}"})
+    assert killed.returncode == -9 and torch.load(resumed / "last.pth", weights_only=True)["epoch"] == stop
+    proc = run_script("train.py", f"trainer.resume={resumed}")
     assert ("frozen phase" if stop == 1 else "unfrozen phase") in proc.stdout + proc.stderr
     a, b = _weights(straight / "last.pth"), _weights(resumed / "last.pth")
     for key in a:

@@ -97,7 +97,7 @@ def child_compute(args) -> dict:
     import torch
     from geektime.data import InputNormalizer
     from geektime.models import build_model
-    from geektime.train import build_optimizer
+    from geektime.optim import optimizer_from_config
 
     cfg = geektime_cfg(args, None, None)
     torch.set_num_threads(args.threads)
@@ -105,7 +105,7 @@ def child_compute(args) -> dict:
     size = (args.image_size, args.image_size)
     memory_format, channels_last = layout(cfg, size)
     model = build_model(cfg.model, 2, size).to(memory_format=memory_format).train()
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = optimizer_from_config(cfg.optimizer, model, str(cfg.model.family))
     normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     images = torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8)
     targets = torch.randint(0, 2, (args.batch_size,))
@@ -129,7 +129,8 @@ def child_ours(args) -> dict:
     from geektime.data import InputNormalizer, build_data
     from geektime.engine import evaluate, train_one_epoch
     from geektime.models import build_model
-    from geektime.train import build_optimizer, seed_everything
+    from geektime.optim import optimizer_from_config
+    from geektime.train import seed_everything
 
     train_dir, val_dir = data_dirs(args)
     cfg = geektime_cfg(args, train_dir, val_dir)
@@ -140,13 +141,13 @@ def child_ours(args) -> dict:
     decode_seconds = time.perf_counter() - started
     memory_format, channels_last = layout(cfg, data.image_size)
     model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=memory_format)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = optimizer_from_config(cfg.optimizer, model, str(cfg.model.family))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
     criterion = torch.nn.CrossEntropyLoss()
 
     limit_model = copy.deepcopy(model).train()
-    limit_step = in_memory_step(limit_model, build_optimizer(cfg.optimizer, limit_model), criterion, normalizer,
+    limit_step = in_memory_step(limit_model, optimizer_from_config(cfg.optimizer, limit_model, str(cfg.model.family)), criterion, normalizer,
                                 *next(iter(data.train_loader)))
     for _ in range(2):
         limit_step()
@@ -226,7 +227,7 @@ def child_evaluate(args) -> dict:
     from geektime.engine import predict
     from geektime.evaluate import main as evaluate_main
     from geektime.models import build_model
-    from geektime.train import build_optimizer
+    from geektime.optim import optimizer_from_config
 
     train_dir, val_dir = data_dirs(args)
     if val_dir is None:
@@ -237,7 +238,7 @@ def child_evaluate(args) -> dict:
     folder = open_folder("data.val_dir", val_dir)
     torch.manual_seed(0)
     model = build_model(cfg.model, len(folder.classes), size)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = optimizer_from_config(cfg.optimizer, model, str(cfg.model.family))
     for param in model.parameters():  # momentum buffers: a checkpoint as train.py writes it is about twice the weights
         optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     run = Path(tempfile.mkdtemp(prefix="bench-eval-"))

@@ -166,19 +166,25 @@ def part_data(args, gpu_rate: float | None) -> dict:
 # ---------------------------------------------------------------- eval and ddp: the scripts as a user runs them
 
 def run(argv: list[str], env: dict | None = None, timeout: float | None = None) -> float:
-    """Wall seconds of `argv` from the repo root; on a timeout its whole process group (torchrun's workers too)
-    is killed and TimeoutError raised."""
+    """Wall seconds of `argv` from the repo root. On a timeout it gets SIGTERM (torchrun passes it to its
+    workers, which run in sessions of their own), then SIGKILL, and TimeoutError is raised."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise TimeoutError(f"{' '.join(argv[:6])} ... still running after {timeout:.0f} s: killed") from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n{err[-2000:]}")
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **(env or {})), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise TimeoutError(f"{' '.join(argv[:6])} ... still running after {timeout:.0f} s: stopped") from None
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n{log.read()[-2000:]}")
     return time.perf_counter() - started
 
 

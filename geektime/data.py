@@ -3,8 +3,11 @@
 Each image's deterministic view (resize, letterbox or center crop) is decoded once, in parallel, into one
 uint8 tensor that every epoch (and every checkpoint under evaluation) reuses: on a small machine decoding a
 multi-megapixel JPEG costs as much as a training step, so it should happen once. Training's random crops
-and flips are then taken from the cached views in memory; only a split too big for `data.cache_max_gb` is
-decoded again on every access, in DataLoader workers.
+and flips are then taken from the cached views. The decode goes through the on-disk cache (geektime.cache), so
+a later process (a sweep's next job, evaluate.py) maps it instead of decoding; a split too big for
+`data.cache_max_gb` is served from that memory-mapped file. Only with `data.disk_cache=false` is such a split
+decoded on every access, in DataLoader workers. `load_split` is the one path for training, evaluation and
+unlabeled prediction alike.
 """
 from __future__ import annotations
 

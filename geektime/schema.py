@@ -91,12 +91,12 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    train_dir: Optional[str] = None
+class SplitConfig:
+    """What training and evaluation share about reading a split."""
+
     val_dir: Optional[str] = None
     test_dir: Optional[str] = None
     image_size: Any = None  # one int or [H, W]; checked by config.image_size
-    batch_size: int = _range(16, 1)
     num_workers: Any = "auto"  # auto | an int >= 0
     cache: str = "auto"  # auto | true | false
     cache_max_gb: float = _range(4.0, 0.0)
@@ -104,6 +104,12 @@ class DataConfig:
     disk_cache: bool = True  # decoded views kept in cache_dir, reused by every later process (geektime.cache)
     cache_dir: Optional[str] = None  # null: $GEEKTIME_CACHE, else ~/.cache/geektime/views
     cache_dir_max_gb: float = _range(20.0, 0.0)
+
+
+@dataclass
+class DataConfig(SplitConfig):
+    train_dir: Optional[str] = None
+    batch_size: int = _range(16, 1)
 
 
 @dataclass
@@ -210,18 +216,8 @@ class TrainConfig:
 
 
 @dataclass
-class EvalDataConfig:
-    val_dir: Optional[str] = None
-    test_dir: Optional[str] = None
-    image_size: Any = None
+class EvalDataConfig(SplitConfig):
     batch_size: int = _range(32, 1)
-    num_workers: Any = "auto"
-    cache: str = "auto"
-    cache_max_gb: float = _range(4.0, 0.0)
-    on_bad_image: BadImagePolicy = BadImagePolicy.error
-    disk_cache: bool = True  # decoded views kept in cache_dir, reused by every later process (geektime.cache)
-    cache_dir: Optional[str] = None  # null: $GEEKTIME_CACHE, else ~/.cache/geektime/views
-    cache_dir_max_gb: float = _range(20.0, 0.0)
 
 
 @dataclass

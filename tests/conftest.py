@@ -34,6 +34,12 @@ def make_folders(root: Path, classes=("blue", "red"), train_per_class=12, val_pe
     return root / "train", root / "val"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _view_cache(tmp_path_factory):
+    """Decoded-view caches of the tests' runs go to a temporary folder, not the user's ~/.cache."""
+    os.environ["GEEKTIME_CACHE"] = str(tmp_path_factory.mktemp("views"))  # children of run_script inherit it
+
+
 @pytest.fixture
 def folders(tmp_path) -> tuple[Path, Path]:
     return make_folders(tmp_path / "data")

@@ -15,6 +15,7 @@ b) a train split 10x larger than `data.cache_max_gb`: `train_one_epoch` over the
     python bench/bench_cache.py [--model efficientnet_b0] [--data ../shared/datasets/doraemon_walle]
         [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--augment]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,21 @@ from bench_train import DEFAULT_DATA, compose, data_dirs, in_memory_step, layout
 
 def config(args, extra: list[str]):
     train_dir, val_dir = data_dirs(args)
-    return compose("train", [
-        f"model={args.model}", "scheduler=none", f"data.image_size=[{args.image_size},{args.image_size}]",
-        f"data.batch_size={args.batch_size}", f"trainer.threads={args.threads}", f"data.train_dir={train_dir}",
-        f"data.val_dir={val_dir}", f"transforms.augment.enabled={str(args.augment).lower()}",
-        f"data.cache_dir={args.cache_dir}", *extra])
+    return compose(
+        "train",
+        [
+            f"model={args.model}",
+            "scheduler=none",
+            f"data.image_size=[{args.image_size},{args.image_size}]",
+            f"data.batch_size={args.batch_size}",
+            f"trainer.threads={args.threads}",
+            f"data.train_dir={train_dir}",
+            f"data.val_dir={val_dir}",
+            f"transforms.augment.enabled={str(args.augment).lower()}",
+            f"data.cache_dir={args.cache_dir}",
+            *extra,
+        ],
+    )
 
 
 def memory_status() -> dict:
@@ -62,8 +73,12 @@ def child_prepare(args) -> dict:
     cfg = config(args, args.extra)
     started = time.perf_counter()
     data = build_data(cfg)
-    return {"seconds": time.perf_counter() - started, "train": len(data.train), "val": len(data.val),
-            "kind": type(data.train).__name__}
+    return {
+        "seconds": time.perf_counter() - started,
+        "train": len(data.train),
+        "val": len(data.val),
+        "kind": type(data.train).__name__,
+    }
 
 
 def child_train(args) -> dict:
@@ -97,29 +112,60 @@ def child_train(args) -> dict:
     loop_seconds = limit_seconds = 0.0
     for epoch in range(1, args.epochs + 1):
         data.train_sampler.set_epoch(epoch)
-        row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer,
-                              torch.device("cpu"), epoch, show_progress=False)
+        row = train_one_epoch(
+            model,
+            data.train_loader,
+            criterion,
+            optimizer,
+            scaler,
+            normalizer,
+            torch.device("cpu"),
+            epoch,
+            show_progress=False,
+        )
         loop_seconds += row["train_seconds"]
         window = time.perf_counter()
         for _ in range(len(data.train_loader)):
             limit_step()
         limit_seconds += time.perf_counter() - window
     images = getattr(data.train, "images", None)
-    return {"kind": type(images).__name__ if images is not None else type(data.train).__name__,
-            "split_mib": len(data.train) * 3 * int(torch.tensor(data.train.view(0).shape[1:]).prod()) / 2**20,
-            "prepare_seconds": prepare_seconds, "ratio_to_limit": limit_seconds / loop_seconds,
-            "loop_images_per_s": args.epochs * len(data.train_loader) * args.batch_size / loop_seconds,
-            **memory_status()}
+    return {
+        "kind": type(images).__name__ if images is not None else type(data.train).__name__,
+        "split_mib": len(data.train) * 3 * int(torch.tensor(data.train.view(0).shape[1:]).prod()) / 2**20,
+        "prepare_seconds": prepare_seconds,
+        "ratio_to_limit": limit_seconds / loop_seconds,
+        "loop_images_per_s": args.epochs * len(data.train_loader) * args.batch_size / loop_seconds,
+        **memory_status(),
+    }
 
 
 CHILDREN = {"prepare": child_prepare, "train": child_train}
 
 
 def run_child(name: str, args, extra: list[str]) -> dict:
-    argv = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data,
-            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-            "--epochs", str(args.epochs), "--cache-dir", args.cache_dir, *(["--augment"] * args.augment),
-            "--extra", *extra]
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--epochs",
+        str(args.epochs),
+        "--cache-dir",
+        args.cache_dir,
+        *(["--augment"] * args.augment),
+        "--extra",
+        *extra,
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"child {name} {extra} failed:\n{out.stderr[-3000:]}")
@@ -150,8 +196,10 @@ def main() -> None:
     if not Path(args.data).is_dir():
         raise SystemExit(f"--data {args.data}: no such folder (an ImageFolder root with train/ and valid/)")
     args.cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
-    print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.epochs} epochs, data {args.data}, {os.cpu_count()} cores; cache {args.cache_dir}")
+    print(
+        f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads, "
+        f"{args.epochs} epochs, data {args.data}, {os.cpu_count()} cores; cache {args.cache_dir}"
+    )
     rows = []
     try:
         first = run_child("prepare", args, [])  # a cold cache: this job decodes into it
@@ -160,27 +208,32 @@ def main() -> None:
             second = run_child("prepare", args, [])
             today = run_child("prepare", args, ["data.disk_cache=false"])
             ratio = second["seconds"] / first["seconds"]
-            rows.append(f"| a) second job / first job, time before training | {ratio:.3f} "
-                        f"({second['seconds']:.2f} s / {first['seconds']:.2f} s; without the disk cache "
-                        f"{today['seconds']:.2f} s) | <= 0.05 |")
+            rows.append(
+                f"| a) second job / first job, time before training | {ratio:.3f} "
+                f"({second['seconds']:.2f} s / {first['seconds']:.2f} s; without the disk cache "
+                f"{today['seconds']:.2f} s) | <= 0.05 |"
+            )
         if "b" in args.only:
-            views = 3 * args.image_size ** 2 * (4 if args.augment else 1)
+            views = 3 * args.image_size**2 * (4 if args.augment else 1)
             tenth = first["train"] * views / 10 / 2**30  # the split is 10x this
             print(f"b) a train split 10x larger than data.cache_max_gb={tenth:.4f}")
-            for name, extra in (("mapped cache (split 10x cache_max_gb)", [f"data.cache_max_gb={tenth}"]),
-                                ("in memory (split fits)", []),
-                                ("decoded on access (disk_cache=false)",
-                                 [f"data.cache_max_gb={tenth}", "data.disk_cache=false"])):
+            for name, extra in (
+                ("mapped cache (split 10x cache_max_gb)", [f"data.cache_max_gb={tenth}"]),
+                ("in memory (split fits)", []),
+                ("decoded on access (disk_cache=false)", [f"data.cache_max_gb={tenth}", "data.disk_cache=false"]),
+            ):
                 run = run_child("train", args, extra)
                 rows.append(
                     f"| b) {name}: training / compute limit | {run['ratio_to_limit']:.2f} "
                     f"({run['loop_images_per_s']:.1f} img/s; peak RSS {run['peak_rss_mib']:.0f} MiB, at the end "
                     f"RssAnon {run['rssanon_mib']:.0f} + RssFile {run['rssfile_mib']:.0f} MiB; views "
-                    f"{run['split_mib']:.0f} MiB) | {'>= 0.9' if name.startswith('mapped') else 'reference'} |")
+                    f"{run['split_mib']:.0f} MiB) | {'>= 0.9' if name.startswith('mapped') else 'reference'} |"
+                )
     finally:
         shutil.rmtree(args.cache_dir, ignore_errors=True)
         print("\n| measurement | figure | target |\n|---|---|---|")
         print("\n".join(rows))
+
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ background load; the speed ratio is the median over rounds of the per-round rati
     python bench/bench_efficientnet.py [--model efficientnet-b0] [--batch-size 16]
         [--image-size 224] [--threads 2] [--steps 10] [--warmup 2] [--nchw]
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,21 @@ PUBLISHED = "efficientnet_pytorch==0.7.1"
 def install_published(target: str) -> str:
     """pip-install the published package into ``target`` once; return ``target``."""
     if not os.path.exists(os.path.join(target, "efficientnet_pytorch", "model.py")):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--disable-pip-version-check", "--target", target, PUBLISHED], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                target,
+                PUBLISHED,
+            ],
+            check=True,
+        )
     return target
 
 
@@ -38,6 +52,7 @@ def child(args) -> None:
     root = args.published_dir if args.child == "published" else REPO
     sys.path.insert(0, root)
     import torch
+
     import efficientnet_pytorch
     from efficientnet_pytorch import EfficientNet
 
@@ -73,8 +88,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     p.add_argument("--nchw", action="store_true", help="also measure ours in NCHW layout")
-    p.add_argument("--published-dir", default=os.path.join(tempfile.gettempdir(), "geektime-bench",
-                                                          PUBLISHED.replace("==", "-")))
+    p.add_argument(
+        "--published-dir", default=os.path.join(tempfile.gettempdir(), "geektime-bench", PUBLISHED.replace("==", "-"))
+    )
     p.add_argument("--child", choices=["published", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -86,13 +102,29 @@ def main() -> None:
     configs = [("published 0.7.1 (NCHW)", "published", False), ("ours (channels_last)", "ours", True)]
     if args.nchw:
         configs.append(("ours (NCHW)", "ours", False))
-    common = ["--published-dir", args.published_dir, "--model", args.model, "--batch-size",
-              str(args.batch_size), "--image-size", str(args.image_size), "--threads", str(args.threads)]
+    common = [
+        "--published-dir",
+        args.published_dir,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--image-size",
+        str(args.image_size),
+        "--threads",
+        str(args.threads),
+    ]
     procs = {}
     for label, impl, cl in configs:  # started one at a time so that setups do not overlap
         cmd = [sys.executable, os.path.abspath(__file__), "--child", impl] + common
-        proc = subprocess.Popen(cmd + (["--channels-last"] if cl else []), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, bufsize=1, cwd=tempfile.gettempdir())
+        proc = subprocess.Popen(
+            cmd + (["--channels-last"] if cl else []),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            cwd=tempfile.gettempdir(),
+        )
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{label} child failed to start")
         procs[label] = proc
@@ -111,9 +143,11 @@ def main() -> None:
         proc.wait()
 
     base = configs[0][0]
-    print(f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads; "
-          f"train step = forward + backward + SGD; {args.steps} timed steps each, interleaved; "
-          f"images/s from the median step, speed ratio = median of per-round ratios")
+    print(
+        f"{args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, {args.threads} threads; "
+        f"train step = forward + backward + SGD; {args.steps} timed steps each, interleaved; "
+        f"images/s from the median step, speed ratio = median of per-round ratios"
+    )
     print(f"| {'model':<24} | {'images/s':>8} | {'speed ratio':>11} | {'peak RSS MiB':>12} | {'RSS ratio':>9} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 13}|{'-' * 14}|{'-' * 11}|")
     for label in procs:

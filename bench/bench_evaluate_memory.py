@@ -7,6 +7,7 @@ then runs `evaluate.py` on each split in its own process with `data.cache_max_gb
 cached and the large one is 10x over the limit (streamed through DataLoader workers), and prints the peak RSS of
 each evaluation (the evaluator and its workers, from RUSAGE_CHILDREN of a wrapper process) and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,12 @@ def write_checkpoint(path: Path, size: int) -> None:
 
 def peak_rss_mib(args: list[str]) -> float:
     """Peak RSS (MiB) of evaluate.py and everything it starts, measured from a wrapper process."""
-    wrapper = ("import resource, subprocess, sys, json; "
-               "p = subprocess.run([sys.executable, 'evaluate.py', *sys.argv[1:]], capture_output=True, text=True); "
-               "assert p.returncode == 0, p.stderr[-2000:]; "
-               "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))")
+    wrapper = (
+        "import resource, subprocess, sys, json; "
+        "p = subprocess.run([sys.executable, 'evaluate.py', *sys.argv[1:]], capture_output=True, text=True); "
+        "assert p.returncode == 0, p.stderr[-2000:]; "
+        "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))"
+    )
     out = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=REPO, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -77,12 +80,18 @@ def main() -> None:
         write_split(tmp / "large", args.images * 10, args.size, 1)
         write_checkpoint(tmp / "run" / "epoch_001.pth", args.size)
         limit_gb = args.images * 3 * args.size**2 * 1.05 / 2**30  # the small split fits, the large is 10x over
-        common = [f"checkpoint={tmp / 'run'}", f"data.cache_max_gb={limit_gb:.6f}", "data.disk_cache=false",
-                  "trainer.threads=2"]
+        common = [
+            f"checkpoint={tmp / 'run'}",
+            f"data.cache_max_gb={limit_gb:.6f}",
+            "data.disk_cache=false",
+            "trainer.threads=2",
+        ]
         small = peak_rss_mib([*common, f"data.val_dir={tmp / 'small'}", f"out_dir={tmp / 'eval_small'}"])
         large = peak_rss_mib([*common, f"data.val_dir={tmp / 'large'}", f"out_dir={tmp / 'eval_large'}"])
-        print(f"cache_max_gb {limit_gb * 1024:.1f} MiB; small split {args.images} images (cached), "
-              f"large split {args.images * 10} images (streamed)")
+        print(
+            f"cache_max_gb {limit_gb * 1024:.1f} MiB; small split {args.images} images (cached), "
+            f"large split {args.images * 10} images (streamed)"
+        )
         print(f"peak RSS: small {small:.0f} MiB, large {large:.0f} MiB, ratio {large / small:.2f} (target <= 1.3)")
 
 

@@ -13,6 +13,7 @@ ours with BatchNorm folded (geektime.inference.fold_batchnorm); ours exported to
 --compile, torch.compile of the folded model. --profile prints each eager variant's most expensive operators.
 timm is installed once with `pip install --no-deps --target` into a cache folder and added to sys.path here only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,21 @@ TIMM_DIR = Path(os.environ.get("GEEKTIME_TIMM_DIR", "/tmp/timm_anchor"))
 
 def timm_module():
     if not (TIMM_DIR / "timm" / "__init__.py").is_file():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-                        "--target", str(TIMM_DIR), "timm"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                str(TIMM_DIR),
+                "timm",
+            ],
+            check=True,
+        )
     sys.path.insert(0, str(TIMM_DIR))
     import timm
 
@@ -90,10 +104,12 @@ def main() -> int:
     channels_last = torch.channels_last
     variants = {
         "timm eager (channels_last)": Deployable(theirs.to(memory_format=channels_last), "imagenet", True).eval(),
-        "ours eager (evaluate.py today)": Deployable(copy.deepcopy(ours).to(memory_format=channels_last),
-                                                     "imagenet", True).eval(),
-        "ours eager, BatchNorm folded": Deployable(fold_batchnorm(copy.deepcopy(ours)).to(memory_format=channels_last),
-                                                   "imagenet", True).eval(),
+        "ours eager (evaluate.py today)": Deployable(
+            copy.deepcopy(ours).to(memory_format=channels_last), "imagenet", True
+        ).eval(),
+        "ours eager, BatchNorm folded": Deployable(
+            fold_batchnorm(copy.deepcopy(ours)).to(memory_format=channels_last), "imagenet", True
+        ).eval(),
     }
     x = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8)
     with torch.inference_mode():
@@ -129,12 +145,15 @@ def main() -> int:
                 for _ in range(args.iters):
                     run()
                 rates[name].append(args.iters * args.batch_size / (time.perf_counter() - t0))
-        diffs = {name: float(np.abs(run() - reference).max()) for name, run in runners.items()
-                 if not name.startswith("timm")}
+        diffs = {
+            name: float(np.abs(run() - reference).max()) for name, run in runners.items() if not name.startswith("timm")
+        }
 
     base = statistics.median(rates["timm eager (channels_last)"])
-    print(f"\nEfficientNet-B0 inference, {size} px, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.rounds} rounds x {args.iters} batches (uint8 in, probabilities out)")
+    print(
+        f"\nEfficientNet-B0 inference, {size} px, batch {args.batch_size}, {args.threads} threads, "
+        f"median of {args.rounds} rounds x {args.iters} batches (uint8 in, probabilities out)"
+    )
     print(f"{'variant':34s} {'img/s':>8s} {'vs timm':>8s} {'max |dp| vs ours eager':>24s}")
     for name, values in rates.items():
         rate = statistics.median(values)
@@ -149,8 +168,7 @@ def main() -> int:
                 for _ in range(args.iters):
                     runners[name]()
             print(f"\n{name}: top operators by self CPU time")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10,
-                                            max_name_column_width=40))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40))
     return 0
 
 

@@ -8,6 +8,7 @@ DIR/bench_lr_find.json and a markdown table: final and best val accuracy and val
 runs share everything but the lr. Without --model: efficientnet_lite0 with its ImageNet weights when that
 model exists, else efficientnet_b0 from scratch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def run(argv: list[str]) -> str:
 
 def metrics(run_dir: Path) -> list[dict]:
     with (run_dir / "metrics.csv").open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if k in ("epoch", "val_acc", "val_loss", "train_loss")}
-                for row in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in row.items() if k in ("epoch", "val_acc", "val_loss", "train_loss")}
+            for row in csv.DictReader(f)
+        ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--suggestion", default="valley")
     parser.add_argument("--out", type=Path, default=REPO / "checkpoints" / "bench_lr_find")
-    parser.add_argument("--found", type=Path, default=None,
-                        help="an lr_find run folder made with the same settings: reuse its lr_find.json")
+    parser.add_argument(
+        "--found",
+        type=Path,
+        default=None,
+        help="an lr_find run folder made with the same settings: reuse its lr_find.json",
+    )
     args = parser.parse_args(argv)
     if not (args.data / "train").is_dir():
         print(f"error: {args.data}/train not found (doraemon_walle)", file=sys.stderr)
@@ -57,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         lite = (REPO / "conf" / "model" / "efficientnet_lite0.yaml").is_file()
         args.model, args.pretrained = ("efficientnet_lite0", True) if lite else ("efficientnet_b0", False)
     args.out.mkdir(parents=True, exist_ok=True)
-    common = [f"model={args.model}", f"model.pretrained={str(args.pretrained).lower()}",
-              f"data.train_dir={args.data / 'train'}", f"data.val_dir={args.data / 'valid'}",
-              f"data.image_size=[{args.size},{args.size}]", f"data.batch_size={args.batch_size}"]
+    common = [
+        f"model={args.model}",
+        f"model.pretrained={str(args.pretrained).lower()}",
+        f"data.train_dir={args.data / 'train'}",
+        f"data.val_dir={args.data / 'valid'}",
+        f"data.image_size=[{args.size},{args.size}]",
+        f"data.batch_size={args.batch_size}",
+    ]
 
     find_dir = args.found or args.out / "lr_find"
     if args.found is None:
@@ -70,26 +82,54 @@ def main(argv: list[str] | None = None) -> int:
     for factor in (0.1, 1.0, 10.0):
         lr = float(f"{suggested * factor:.3g}")
         run_dir = args.out / f"lr_x{factor:g}"
-        run(["train.py", *common, f"optimizer.lr={lr}", f"trainer.epochs={args.epochs}", f"hydra.run.dir={run_dir}",
-             "trainer.overwrite=true"])
+        run(
+            [
+                "train.py",
+                *common,
+                f"optimizer.lr={lr}",
+                f"trainer.epochs={args.epochs}",
+                f"hydra.run.dir={run_dir}",
+                "trainer.overwrite=true",
+            ]
+        )
         epochs = metrics(run_dir)
         best = max(epochs, key=lambda r: (r["val_acc"], -r["val_loss"]))
-        rows.append({"factor": factor, "lr": lr, "final_val_acc": epochs[-1]["val_acc"],
-                     "final_val_loss": epochs[-1]["val_loss"], "best_val_acc": best["val_acc"],
-                     "best_epoch": int(best["epoch"]), "final_train_loss": epochs[-1]["train_loss"]})
+        rows.append(
+            {
+                "factor": factor,
+                "lr": lr,
+                "final_val_acc": epochs[-1]["val_acc"],
+                "final_val_loss": epochs[-1]["val_loss"],
+                "best_val_acc": best["val_acc"],
+                "best_epoch": int(best["epoch"]),
+                "final_train_loss": epochs[-1]["train_loss"],
+            }
+        )
     by_loss = min(rows, key=lambda r: r["final_val_loss"])
     by_acc = max(rows, key=lambda r: (r["final_val_acc"], -r["final_val_loss"]))
-    result = {"model": args.model, "pretrained": args.pretrained, "size": args.size, "epochs": args.epochs,
-              "suggestion": args.suggestion, "suggestions": found["suggestions"], "runs": rows,
-              "best_by_final_val_loss": by_loss["factor"], "best_by_final_val_acc": by_acc["factor"]}
+    result = {
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "size": args.size,
+        "epochs": args.epochs,
+        "suggestion": args.suggestion,
+        "suggestions": found["suggestions"],
+        "runs": rows,
+        "best_by_final_val_loss": by_loss["factor"],
+        "best_by_final_val_acc": by_acc["factor"],
+    }
     (args.out / "bench_lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.model} (pretrained {args.pretrained}) at {args.size} px, {args.epochs} epochs, "
-          f"{args.suggestion} suggestion {suggested:.3g}\n")
+    print(
+        f"{args.model} (pretrained {args.pretrained}) at {args.size} px, {args.epochs} epochs, "
+        f"{args.suggestion} suggestion {suggested:.3g}\n"
+    )
     print("| lr | x suggestion | final val acc | final val loss | best val acc (epoch) | final train loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['lr']:.3g} | {r['factor']:g} | {r['final_val_acc']:.3f} | {r['final_val_loss']:.3f} | "
-              f"{r['best_val_acc']:.3f} ({r['best_epoch']}) | {r['final_train_loss']:.3f} |")
+        print(
+            f"| {r['lr']:.3g} | {r['factor']:g} | {r['final_val_acc']:.3f} | {r['final_val_loss']:.3f} | "
+            f"{r['best_val_acc']:.3f} ({r['best_epoch']}) | {r['final_train_loss']:.3f} |"
+        )
     return 0
 
 

@@ -16,6 +16,7 @@ Without --checkpoint a randomly initialised 2-class B0 checkpoint is written to 
 depend on the weights). The load generator shares the machine with the server: on a small machine it takes
 CPU from it, which the figures include.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +54,20 @@ def baseline_app(checkpoint_path: str, threads: int):
 
     torch.set_num_threads(threads)
     ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    model = build_model(OmegaConf.create({**ckpt["config"]["model"], "pretrained": False}), len(ckpt["classes"]),
-                        tuple(ckpt["image_size"]))
+    model = build_model(
+        OmegaConf.create({**ckpt["config"]["model"], "pretrained": False}),
+        len(ckpt["classes"]),
+        tuple(ckpt["image_size"]),
+    )
     model.load_state_dict(ckpt["model"])
     model.eval()
-    preprocess = transforms.Compose([transforms.Resize(tuple(ckpt["image_size"])), transforms.ToTensor(),
-                                     transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(tuple(ckpt["image_size"])),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
 
     async def classify(request):
         form = await request.form()
@@ -68,8 +77,12 @@ def baseline_app(checkpoint_path: str, threads: int):
             return JSONResponse({"error": str(err)}, status_code=400)
         with torch.no_grad():
             probs = model(preprocess(image).unsqueeze(0)).softmax(1)[0].tolist()
-        return JSONResponse({"result": ckpt["classes"][max(range(len(probs)), key=probs.__getitem__)],
-                             "probabilities": dict(zip(ckpt["classes"], probs))})
+        return JSONResponse(
+            {
+                "result": ckpt["classes"][max(range(len(probs)), key=probs.__getitem__)],
+                "probabilities": dict(zip(ckpt["classes"], probs)),
+            }
+        )
 
     async def healthz(request):
         return JSONResponse({"status": "ok"})
@@ -84,16 +97,34 @@ def make_checkpoint(folder: Path) -> Path:
     from geektime import checkpoint
     from geektime.models import build_model
 
-    mcfg = {"name": "efficientnet_b0", "family": "efficientnet", "arch": "efficientnet-b0", "pretrained": False,
-            "normalization": "imagenet", "dropout_rate": None, "drop_connect_rate": 0.2, "bn_momentum": 0.9,
-            "image_size": [224, 224]}
+    mcfg = {
+        "name": "efficientnet_b0",
+        "family": "efficientnet",
+        "arch": "efficientnet-b0",
+        "pretrained": False,
+        "normalization": "imagenet",
+        "dropout_rate": None,
+        "drop_connect_rate": 0.2,
+        "bn_momentum": 0.9,
+        "image_size": [224, 224],
+    }
     model = build_model(OmegaConf.create(mcfg), 2, (224, 224))
     transforms = {"name": "resize", "fill": [124, 116, 104], "augment": {"enabled": False}}
     path = folder / "last.pth"
-    checkpoint.save_atomic({"format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
-                            "classes": ["doraemon", "walle"], "image_size": [224, 224], "normalization": "imagenet",
-                            "transforms": transforms, "config": {"model": mcfg, "data": {}}, "epoch": 0,
-                            "metrics": {}}, path)
+    checkpoint.save_atomic(
+        {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "model": model.state_dict(),
+            "classes": ["doraemon", "walle"],
+            "image_size": [224, 224],
+            "normalization": "imagenet",
+            "transforms": transforms,
+            "config": {"model": mcfg, "data": {}},
+            "epoch": 0,
+            "metrics": {},
+        },
+        path,
+    )
     return path
 
 
@@ -120,11 +151,13 @@ def hostile() -> dict[str, tuple[str, bytes]]:
     good = photos()[0]
     bomb = io.BytesIO()
     Image.new("1", (30000, 30000)).save(bomb, "PNG")
-    return {"text as .jpg": ("notes.jpg", b"this is a text file, not a photo\n" * 20),
-            "truncated JPEG": ("cut.jpg", good[: len(good) // 3]),
-            "zero bytes": ("empty.jpg", b""),
-            "30000x30000 PNG bomb": ("bomb.png", bomb.getvalue()),
-            "25 MB of noise": ("noise.jpg", os.urandom(25 * 10**6))}
+    return {
+        "text as .jpg": ("notes.jpg", b"this is a text file, not a photo\n" * 20),
+        "truncated JPEG": ("cut.jpg", good[: len(good) // 3]),
+        "zero bytes": ("empty.jpg", b""),
+        "30000x30000 PNG bomb": ("bomb.png", bomb.getvalue()),
+        "25 MB of noise": ("noise.jpg", os.urandom(25 * 10**6)),
+    }
 
 
 def free_port() -> int:
@@ -139,8 +172,13 @@ def server(command: list[str], log: Path):
 
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GEEKTIME_LOG_LEVEL": "warning"})
+        proc = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GEEKTIME_LOG_LEVEL": "warning"},
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -174,8 +212,7 @@ async def load(base: str, images: list[bytes], clients: int, seconds: float, hos
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             try:
-                response = await client.post(API, files={"image": ("photo.jpg", images[i % len(images)],
-                                                                   "image/jpeg")})
+                response = await client.post(API, files={"image": ("photo.jpg", images[i % len(images)], "image/jpeg")})
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
@@ -200,8 +237,15 @@ async def load(base: str, images: list[bytes], clients: int, seconds: float, hos
         await asyncio.gather(*jobs)
         elapsed = time.monotonic() - started
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50": q[49] * 1000, "p95": q[94] * 1000,
-            "p99": q[98] * 1000, "errors": errors, "hostile": hostile_results}
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50": q[49] * 1000,
+        "p95": q[94] * 1000,
+        "p99": q[98] * 1000,
+        "errors": errors,
+        "hostile": hostile_results,
+    }
 
 
 def main() -> int:
@@ -216,8 +260,9 @@ def main() -> int:
     if args.baseline_server:
         import uvicorn
 
-        uvicorn.run(baseline_app(args.baseline_server, args.threads), host="127.0.0.1", port=args.port,
-                    log_level="warning")
+        uvicorn.run(
+            baseline_app(args.baseline_server, args.threads), host="127.0.0.1", port=args.port, log_level="warning"
+        )
         return 0
     if not (1 <= args.clients <= MAX_CLIENTS and 0 < args.seconds <= MAX_SECONDS):
         parser.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds 0..{MAX_SECONDS}")
@@ -233,8 +278,14 @@ def main() -> int:
         print(f"exported {ckpt} to ONNX in {time.perf_counter() - t0:.1f} s", flush=True)
         serve = [sys.executable, "-m", "geektime.serve", "--threads", str(args.threads)]
         setups = {
-            "(a) baseline: one at a time, PIL -> torch eager": [sys.executable, __file__, "--baseline-server",
-                                                                str(ckpt), "--threads", str(args.threads)],
+            "(a) baseline: one at a time, PIL -> torch eager": [
+                sys.executable,
+                __file__,
+                "--baseline-server",
+                str(ckpt),
+                "--threads",
+                str(args.threads),
+            ],
             "(b) geektime.serve, onnxruntime": [*serve, str(tmp / "export" / "model.onnx")],
             "(c) geektime.serve, torch eager": [*serve, str(ckpt)],
         }
@@ -247,15 +298,21 @@ def main() -> int:
         with server(setups["(b) geektime.serve, onnxruntime"], tmp / "server.log") as base:
             burst = asyncio.run(load(base, images, args.clients, args.seconds, hostile_files=hostile()))
 
-    print(f"\nEfficientNet-B0 224 px, {args.clients} concurrent clients x {args.seconds:g} s each, "
-          f"{args.threads} inference threads, 127.0.0.1, {os.cpu_count()} CPUs shared with the load generator")
+    print(
+        f"\nEfficientNet-B0 224 px, {args.clients} concurrent clients x {args.seconds:g} s each, "
+        f"{args.threads} inference threads, 127.0.0.1, {os.cpu_count()} CPUs shared with the load generator"
+    )
     print(f"{'server':50s} {'req/s':>7s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
     base_rps = results["(a) baseline: one at a time, PIL -> torch eager"]["rps"]
     for name, r in results.items():
-        print(f"{name:50s} {r['rps']:7.1f} {r['p50']:8.0f} {r['p95']:8.0f} {r['p99']:8.0f} {len(r['errors']):7d}"
-              f"   {r['rps'] / base_rps:.2f}x the baseline")
-    print(f"\nhostile burst against (b) during load: good requests {burst['requests']} ok, "
-          f"{len(burst['errors'])} failed {sorted(set(burst['errors']))}")
+        print(
+            f"{name:50s} {r['rps']:7.1f} {r['p50']:8.0f} {r['p95']:8.0f} {r['p99']:8.0f} {len(r['errors']):7d}"
+            f"   {r['rps'] / base_rps:.2f}x the baseline"
+        )
+    print(
+        f"\nhostile burst against (b) during load: good requests {burst['requests']} ok, "
+        f"{len(burst['errors'])} failed {sorted(set(burst['errors']))}"
+    )
     ok = not burst["errors"]
     for name, (status, error) in burst["hostile"].items():
         fine = status is not None and 400 <= status < 500 and error is not None

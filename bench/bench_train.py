@@ -18,6 +18,7 @@ Each measurement runs in its own child process, so peak RSS is per measurement:
     python bench/bench_train.py [--model efficientnet_b0 resnet18] [--data ../shared/datasets/doraemon_walle | digits]
         [--image-size 224] [--batch-size 16] [--threads 2] [--epochs 2] [--checkpoints 10] [--repeat 1] [--augment]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,14 @@ def compose(config_name: str, overrides: list[str]):
 
 def geektime_cfg(args, train_dir, val_dir):
     """The config train.py would compose for this benchmark."""
-    overrides = [f"model={args.model}", "scheduler=none", f"data.image_size=[{args.image_size},{args.image_size}]",
-                 f"data.batch_size={args.batch_size}", f"trainer.threads={args.threads}",
-                 f"transforms.augment.enabled={str(args.augment).lower()}"]
+    overrides = [
+        f"model={args.model}",
+        "scheduler=none",
+        f"data.image_size=[{args.image_size},{args.image_size}]",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.threads={args.threads}",
+        f"transforms.augment.enabled={str(args.augment).lower()}",
+    ]
     if train_dir is not None:
         overrides += [f"data.train_dir={train_dir}", f"data.val_dir={val_dir}"]
     return compose("train", overrides)
@@ -75,6 +81,7 @@ def data_dirs(args) -> tuple[str | None, str | None]:
 def layout(cfg, size) -> tuple:
     """(memory format, channels_last) as train.py resolves trainer.channels_last on this CPU."""
     import torch
+
     from geektime.models import channels_last_pays
 
     cl = channels_last_pays(cfg.trainer.channels_last, cfg.model.family, tuple(size), torch.device("cpu"))
@@ -83,18 +90,22 @@ def layout(cfg, size) -> tuple:
 
 def in_memory_step(model, optimizer, criterion, normalizer, images, targets):
     """One forward+backward+SGD step on a batch already in memory: the unit of the compute-only limit."""
+
     def step():
         loss = criterion(model(normalizer(images)), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
 # ---------------------------------------------------------------- children
 
+
 def child_compute(args) -> dict:
     import torch
+
     from geektime.data import InputNormalizer
     from geektime.models import build_model
     from geektime.optim import optimizer_from_config
@@ -109,8 +120,9 @@ def child_compute(args) -> dict:
     normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     images = torch.randint(0, 256, (args.batch_size, 3, *size), dtype=torch.uint8)
     targets = torch.randint(0, 2, (args.batch_size,))
-    step = in_memory_step(model, optimizer, criterion=torch.nn.CrossEntropyLoss(), normalizer=normalizer,
-                          images=images, targets=targets)
+    step = in_memory_step(
+        model, optimizer, criterion=torch.nn.CrossEntropyLoss(), normalizer=normalizer, images=images, targets=targets
+    )
     for _ in range(2):
         step()
     started = time.perf_counter()
@@ -126,6 +138,7 @@ def child_ours(args) -> dict:
     import copy
 
     import torch
+
     from geektime.data import InputNormalizer, build_data
     from geektime.engine import evaluate, train_one_epoch
     from geektime.models import build_model
@@ -147,16 +160,30 @@ def child_ours(args) -> dict:
     criterion = torch.nn.CrossEntropyLoss()
 
     limit_model = copy.deepcopy(model).train()
-    limit_step = in_memory_step(limit_model, optimizer_from_config(cfg.optimizer, limit_model, str(cfg.model.family)), criterion, normalizer,
-                                *next(iter(data.train_loader)))
+    limit_step = in_memory_step(
+        limit_model,
+        optimizer_from_config(cfg.optimizer, limit_model, str(cfg.model.family)),
+        criterion,
+        normalizer,
+        *next(iter(data.train_loader)),
+    )
     for _ in range(2):
         limit_step()
     loop_seconds = limit_seconds = 0.0
     epoch_rates, images = [], 0
     for epoch in range(1, args.epochs + 1):
         data.train_sampler.set_epoch(epoch)
-        row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer,
-                              torch.device("cpu"), epoch, show_progress=False)
+        row = train_one_epoch(
+            model,
+            data.train_loader,
+            criterion,
+            optimizer,
+            scaler,
+            normalizer,
+            torch.device("cpu"),
+            epoch,
+            show_progress=False,
+        )
         epoch_rates.append(row["train_images_per_s"])
         loop_seconds += row["train_seconds"]
         images += len(data.train_loader) * args.batch_size
@@ -164,11 +191,17 @@ def child_ours(args) -> dict:
         for _ in range(len(data.train_loader)):
             limit_step()
         limit_seconds += time.perf_counter() - window
-    val = evaluate(model, data.val_loader, criterion, normalizer, torch.device("cpu"), data.classes,
-                   show_progress=False)
-    return {"images_per_s": images / (decode_seconds + loop_seconds), "loop_images_per_s": images / loop_seconds,
-            "limit_images_per_s": images / limit_seconds, "epoch_images_per_s": epoch_rates,
-            "decode_seconds": decode_seconds, "val_acc": val["val_acc"]}
+    val = evaluate(
+        model, data.val_loader, criterion, normalizer, torch.device("cpu"), data.classes, show_progress=False
+    )
+    return {
+        "images_per_s": images / (decode_seconds + loop_seconds),
+        "loop_images_per_s": images / loop_seconds,
+        "limit_images_per_s": images / limit_seconds,
+        "epoch_images_per_s": epoch_rates,
+        "decode_seconds": decode_seconds,
+        "val_acc": val["val_acc"],
+    }
 
 
 def child_course(args) -> dict:
@@ -179,22 +212,31 @@ def child_course(args) -> dict:
     if args.model.startswith("efficientnet"):
         sys.path.insert(0, install_published(str(Path(tempfile.gettempdir()) / "geektime-bench-published")))
         from efficientnet_pytorch import EfficientNet
+
         make_model = lambda n: EfficientNet.from_name(args.model.replace("_", "-"), num_classes=n)  # noqa: E731
     else:
         import torchvision
+
         make_model = lambda n: getattr(torchvision.models, args.model)(num_classes=n)  # noqa: E731
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     train_dir, val_dir = data_dirs(args)
     if train_dir is None:
         from geektime.data import ensure_digits
+
         train_dir, val_dir = map(str, ensure_digits())
-    tf = transforms.Compose([transforms.Resize((args.image_size, args.image_size)), transforms.ToTensor(),
-                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((args.image_size, args.image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     train_set, val_set = datasets.ImageFolder(train_dir, tf), datasets.ImageFolder(val_dir, tf)
     workers = args.threads
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, num_workers=workers, drop_last=True
+    )
     model = make_model(len(train_set.classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
@@ -247,8 +289,15 @@ def child_evaluate(args) -> dict:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(1, args.checkpoints + 1):
         saver.save(saver.state(model, optimizer, scaler, epoch, "all", folder.classes, size, plain, {}))
-    eval_cfg = compose("evaluate", [f"checkpoint={run}", f"data.val_dir={val_dir}", f"trainer.threads={args.threads}",
-                                    f"data.batch_size={args.batch_size}"])
+    eval_cfg = compose(
+        "evaluate",
+        [
+            f"checkpoint={run}",
+            f"data.val_dir={val_dir}",
+            f"trainer.threads={args.threads}",
+            f"data.batch_size={args.batch_size}",
+        ],
+    )
     started = time.perf_counter()
     evaluate_main(eval_cfg)
     tool_seconds = time.perf_counter() - started
@@ -263,21 +312,24 @@ def child_evaluate(args) -> dict:
     model.to(memory_format=memory_format)
     normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last)
     started = time.perf_counter()
-    batches = [(images[i:i + args.batch_size], None) for i in range(0, len(images), args.batch_size)]
+    batches = [(images[i : i + args.batch_size], None) for i in range(0, len(images), args.batch_size)]
     for _ in range(args.checkpoints):
         predict(model, batches, normalizer, torch.device("cpu"))
     infer_seconds = time.perf_counter() - started
     n = len(paths) * args.checkpoints
-    return {"images_per_s": n / tool_seconds, "limit_images_per_s": n / (decode_seconds + infer_seconds),
-            "ratio_to_limit": tool_seconds / (decode_seconds + infer_seconds), "decode_seconds": decode_seconds}
+    return {
+        "images_per_s": n / tool_seconds,
+        "limit_images_per_s": n / (decode_seconds + infer_seconds),
+        "ratio_to_limit": tool_seconds / (decode_seconds + infer_seconds),
+        "decode_seconds": decode_seconds,
+    }
 
 
 CHILDREN = {"compute": child_compute, "ours": child_ours, "course": child_course, "evaluate": child_evaluate}
 
 
 def run_child(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", name, *argv], capture_output=True, text=True,
-                         cwd=REPO)
+    out = subprocess.run([sys.executable, __file__, "--child", name, *argv], capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"child {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -306,8 +358,10 @@ def print_table(model: str, runs: list[dict]) -> None:
         rate = median([r[name]["images_per_s"] for r in runs])
         rss = median([r[name]["peak_rss_mib"] for r in runs])
         if name == "ours":
-            ratio = (f"{median([x['ours'] for x in rs]):.2f} of compute-only with the one-time decode, "
-                     f"{median([x['ours_loop'] for x in rs]):.2f} without")
+            ratio = (
+                f"{median([x['ours'] for x in rs]):.2f} of compute-only with the one-time decode, "
+                f"{median([x['ours_loop'] for x in rs]):.2f} without"
+            )
         elif name == "course" and "course" in rs[0]:
             ratio = f"ours / course = {median([x['course'] for x in rs]):.2f}"
         elif name == "evaluate":
@@ -316,14 +370,19 @@ def print_table(model: str, runs: list[dict]) -> None:
             ratio = "limit"
         print(f"| {name} | {rate:.1f} | {ratio} | {rss:.0f} |")
     if "ours" in names and "course" in names:
-        print(f"\nval accuracy after the same epochs, per run: ours "
-              f"{[round(r['ours']['val_acc'], 3) for r in runs]}, course {[round(r['course']['val_acc'], 3) for r in runs]}")
+        print(
+            f"\nval accuracy after the same epochs, per run: ours "
+            f"{[round(r['ours']['val_acc'], 3) for r in runs]}, "
+            f"course {[round(r['course']['val_acc'], 3) for r in runs]}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["efficientnet_b0", "resnet18"], help="conf/model names")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="an ImageFolder root with train/ and valid/, or 'digits'")
+    parser.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="an ImageFolder root with train/ and valid/, or 'digits'"
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -331,8 +390,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the compute-only child")
     parser.add_argument("--checkpoints", type=int, default=10, help="K for the evaluation benchmark")
     parser.add_argument("--repeat", type=int, default=1, help="runs of the whole set; the table gives medians")
-    parser.add_argument("--augment", action="store_true",
-                        help="ours trains with random crops and flips (taken from the cached views)")
+    parser.add_argument(
+        "--augment", action="store_true", help="ours trains with random crops and flips (taken from the cached views)"
+    )
     parser.add_argument("--only", nargs="+", choices=list(CHILDREN), default=list(CHILDREN))
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -346,18 +406,38 @@ def main() -> None:
         raise SystemExit(f"--data {args.data}: no such folder (give an ImageFolder root or 'digits')")
     import torch
 
-    print(f"{' and '.join(args.model)}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
-          f"{args.threads} threads, {args.epochs} epochs, data {args.data}; torch {torch.__version__}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"{' and '.join(args.model)}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+        f"{args.threads} threads, {args.epochs} epochs, data {args.data}; torch {torch.__version__}, "
+        f"{os.cpu_count()} cores"
+    )
     for model in args.model:
         runs = []
         for run in range(args.repeat):
             results = {}
             for name in args.only:
-                results[name] = run_child(name, [
-                    "--model", model, "--data", args.data, "--image-size", str(args.image_size),
-                    "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--epochs", str(args.epochs),
-                    "--steps", str(args.steps), "--checkpoints", str(args.checkpoints), *(["--augment"] * args.augment)])
+                results[name] = run_child(
+                    name,
+                    [
+                        "--model",
+                        model,
+                        "--data",
+                        args.data,
+                        "--image-size",
+                        str(args.image_size),
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--threads",
+                        str(args.threads),
+                        "--epochs",
+                        str(args.epochs),
+                        "--steps",
+                        str(args.steps),
+                        "--checkpoints",
+                        str(args.checkpoints),
+                        *(["--augment"] * args.augment),
+                    ],
+                )
                 print(f"  {model} run {run + 1} {name:9s} {json.dumps(results[name])}", flush=True)
             runs.append(results)
         print_table(model, runs)

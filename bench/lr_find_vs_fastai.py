@@ -14,6 +14,7 @@ valley, slide, minimum, steep reads its lr at (null where fastai raises), after 
 fastai's `Learner.lr_find`. Prints ours beside fastai's. The arrays go to fastai as float64 tensors, so
 both sides compare the same numbers (fastai's own recorder would hold float32).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,11 @@ def synthetic() -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     raw = 0.7 - 0.5 / (1 + np.exp(-(x + 3.5) * 3)) + 0.9 * np.clip(x + 1, 0, None) ** 2 + rng.normal(0, 0.05, 100)
     curves["noisy"] = (lrs, np.array([smoother.update(v) for v in raw]), 100)
     short = sweep_lrs(1e-7, 10.0, 20)  # 13 points after trimming: slide cannot run, valley wraps to the end
-    curves["short_wrap"] = (short, np.array([9, 9, 5, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21.0]),
-                            20)
+    curves["short_wrap"] = (
+        short,
+        np.array([9, 9, 5, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21.0]),
+        20,
+    )
     return curves
 
 
@@ -72,7 +76,7 @@ def fastai_steps(lrs: np.ndarray, losses: np.ndarray, num_it: int) -> dict[str, 
     t_lrs, t_losses = torch.tensor(lrs[start:-5]), torch.tensor(losses[start:-5])
     nan_idxs = torch.nonzero(torch.isnan(t_losses.view(-1)))
     if len(nan_idxs) > 0:
-        t_lrs, t_losses = t_lrs[:min(nan_idxs)], t_losses[:min(nan_idxs)]
+        t_lrs, t_losses = t_lrs[: min(nan_idxs)], t_losses[: min(nan_idxs)]
     steps = {}
     for rule in RULES:
         try:

@@ -34,8 +34,12 @@ from PIL import Image, ImageOps
 
 from geektime.predictions import Predictions, class_index, printable, read_predictions
 
-_TITLES = {"false_positives": "False positives", "false_negatives": "False negatives", "wrong": "Wrong predictions",
-           "top_losses": "Top losses"}
+_TITLES = {
+    "false_positives": "False positives",
+    "false_negatives": "False negatives",
+    "wrong": "Wrong predictions",
+    "top_losses": "Top losses",
+}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
@@ -146,12 +150,21 @@ def badcases_json(pred: Predictions, cases: dict[str, list[int]]) -> dict:
 
     def entry(i: int) -> dict:
         true, predicted = int(pred.targets[i]), int(pred.predicted[i])
-        return {"path": pred.paths[i], "true": pred.classes[true], "predicted": pred.classes[predicted],
-                "p_true": round(float(pred.probs[i, true]), 5), "p_predicted": round(float(pred.probs[i, predicted]), 5),
-                "loss": round(float(loss[i]), 5)}
-    return {"classes": list(pred.classes), "header": dict(pred.header),
-            **{group: [entry(i) for i in indices] for group, indices in cases.items()},
-            "most_confused": [{"actual": a, "predicted": p, "count": n} for a, p, n in most_confused(pred)]}
+        return {
+            "path": pred.paths[i],
+            "true": pred.classes[true],
+            "predicted": pred.classes[predicted],
+            "p_true": round(float(pred.probs[i, true]), 5),
+            "p_predicted": round(float(pred.probs[i, predicted]), 5),
+            "loss": round(float(loss[i]), 5),
+        }
+
+    return {
+        "classes": list(pred.classes),
+        "header": dict(pred.header),
+        **{group: [entry(i) for i in indices] for group, indices in cases.items()},
+        "most_confused": [{"actual": a, "predicted": p, "count": n} for a, p, n in most_confused(pred)],
+    }
 
 
 def format_most_confused(pred: Predictions, limit: int = 10) -> str:
@@ -170,12 +183,16 @@ def format_badcases(pred: Predictions, cases: dict[str, list[int]], limit: int |
     blocks = []
     for group, indices in cases.items():
         if group == "top_losses":
-            lines = [f"top losses: {len(indices)}", (f"{'#':>4}  {'loss':>7}  p(true)  {'true':<{width}}  "
-                     f"{'predicted':<{width}}  path")]
+            lines = [
+                f"top losses: {len(indices)}",
+                (f"{'#':>4}  {'loss':>7}  p(true)  {'true':<{width}}  {'predicted':<{width}}  path"),
+            ]
             for rank, i in enumerate(indices, start=1):
                 true, predicted = pred.targets[i], pred.predicted[i]
-                lines.append(f"{rank:>4}  {loss[i]:>7.4f}  {pred.probs[i, true]:.5f}  {pred.classes[true]:<{width}}  "
-                             f"{pred.classes[predicted]:<{width}}  {printable(pred.paths[i])}")
+                lines.append(
+                    f"{rank:>4}  {loss[i]:>7.4f}  {pred.probs[i, true]:.5f}  {pred.classes[true]:<{width}}  "
+                    f"{pred.classes[predicted]:<{width}}  {printable(pred.paths[i])}"
+                )
             blocks.append("\n".join(lines) if indices else "top losses: none")
             continue
         if not indices:
@@ -230,8 +247,10 @@ def write_gallery(
     """
     html_path = Path(html_path)
     html_dir = html_path.absolute().parent
+
     def esc(text: str) -> str:
         return html.escape(printable(text))
+
     unreadable = 0
     meta = " · ".join(f"{key}: {value}" for key, value in {"classes": " ".join(pred.classes), **pred.header}.items())
     parts = [
@@ -246,9 +265,11 @@ def write_gallery(
         "<h1>Bad cases</h1>",
         f'<p class="meta">{esc(meta)}</p>',
         "<p>Most confident first (top losses: highest loss first); click a thumbnail to open the original image.</p>",
-        ('<div id="cleaning"><button type="button" id="download-cleaning">Download cleaning.csv</button> '
-        '<span id="decision-count"></span> <span class="meta">then: python -m geektime.clean apply cleaning.csv '
-        "--quarantine DIR</span></div>"),
+        (
+            '<div id="cleaning"><button type="button" id="download-cleaning">Download cleaning.csv</button> '
+            '<span id="decision-count"></span> <span class="meta">then: python -m geektime.clean apply cleaning.csv '
+            "--quarantine DIR</span></div>"
+        ),
     ]
     loss = losses(pred)
     for group, indices in cases.items():
@@ -269,8 +290,7 @@ def write_gallery(
                 f'<a href="{esc(_href(Path(image_path), html_dir))}">{picture}</a>',
                 "<figcaption>",
                 f"<div>#{rank} predicted <b>{esc(pred.classes[predicted])}</b> {pred.probs[i, predicted]:.5f}</div>",
-                (f"<div>true <b>{esc(pred.classes[true])}</b> {pred.probs[i, true]:.5f}"
-                f" · loss {loss[i]:.3f}</div>"),
+                (f"<div>true <b>{esc(pred.classes[true])}</b> {pred.probs[i, true]:.5f} · loss {loss[i]:.3f}</div>"),
                 f'<div class="path">{esc(image_path)}</div>',
                 _decision(pred, i),
                 "</figcaption>",
@@ -287,14 +307,20 @@ def write_gallery(
 
 def _decision(pred: Predictions, i: int) -> str:
     """The keep / delete / move-to-<class> choice of line i; the path is absolute so cleaning.csv works anywhere."""
+
     def esc(text: str) -> str:
         return html.escape(printable(text))
+
     true = pred.classes[pred.targets[i]]
     options = ['<option value="keep" selected>keep</option>', '<option value="delete">delete</option>']
-    options += [f'<option value="move:{esc(name)}">move to {esc(name)}</option>' for name in pred.classes if name != true]
+    options += [
+        f'<option value="move:{esc(name)}">move to {esc(name)}</option>' for name in pred.classes if name != true
+    ]
     path = os.path.abspath(pred.paths[i])
-    return (f'<select class="decision" data-path="{esc(path)}" data-label="{esc(true)}" '
-            f'aria-label="decision for {esc(pred.paths[i])}">{"".join(options)}</select>')
+    return (
+        f'<select class="decision" data-path="{esc(path)}" data-label="{esc(true)}" '
+        f'aria-label="decision for {esc(pred.paths[i])}">{"".join(options)}</select>'
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -312,8 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--positive", metavar="CLASS", help="show false positives/negatives for this class")
     parser.add_argument("--out", type=Path, metavar="HTML", help="gallery path (default: <txt stem>_badcases.html)")
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="show only the N most confident per list")
-    parser.add_argument("--top-losses", type=_positive_int, metavar="K",
-                        help="also list the K images (right or wrong) with the highest loss -ln p(true)")
+    parser.add_argument(
+        "--top-losses",
+        type=_positive_int,
+        metavar="K",
+        help="also list the K images (right or wrong) with the highest loss -ln p(true)",
+    )
     parser.add_argument("--json", type=Path, metavar="JSON", help="JSON path (default: <txt stem>_badcases.json)")
     args = parser.parse_args(argv)
 

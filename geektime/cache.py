@@ -28,6 +28,7 @@ sees half an entry and a killed builder leaves only a temporary file that the ne
 holds a shared lock on each entry it uses for its whole life, and eviction (least recently used first, to
 `data.cache_dir_max_gb`) passes over entries that any live process holds.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -119,9 +120,17 @@ class ViewCache:
     def __init__(self, root: Path, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes
 
-    def views(self, label: str, paths: Sequence[str], spec: dict, decode: Callable, jobs: Sequence,
-              workers: int | None = None, progress: bool = True,
-              mapped: bool = True) -> tuple[MappedViews | torch.Tensor, list[tuple[str, str]]] | None:
+    def views(
+        self,
+        label: str,
+        paths: Sequence[str],
+        spec: dict,
+        decode: Callable,
+        jobs: Sequence,
+        workers: int | None = None,
+        progress: bool = True,
+        mapped: bool = True,
+    ) -> tuple[MappedViews | torch.Tensor, list[tuple[str, str]]] | None:
         """The good images' views of `paths` (a mapped file, or a tensor in memory when not `mapped`) and the
         unreadable files with their reasons; decoded now, with `decode(job)` -> (uint8 CHW array | None, reason
         | None) over `jobs` (one per path) in worker processes, unless a complete entry exists. None (with a
@@ -134,16 +143,24 @@ class ViewCache:
         held = str(self.root / name)
         if held not in _HELD:  # else this process built or opened it, and holds it: complete, never evicted
             if entry_bytes > self.max_bytes:
-                log.warning("%s: the decoded views (%.2f GB) exceed data.cache_dir_max_gb=%g; decoding without the "
-                            "disk cache. Raise data.cache_dir_max_gb to keep them.", label, entry_bytes / GB,
-                            self.max_bytes / GB)
+                log.warning(
+                    "%s: the decoded views (%.2f GB) exceed data.cache_dir_max_gb=%g; decoding without the "
+                    "disk cache. Raise data.cache_dir_max_gb to keep them.",
+                    label,
+                    entry_bytes / GB,
+                    self.max_bytes / GB,
+                )
                 return None
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 lock = self._lock(name)
             except OSError as err:
-                log.warning("data.cache_dir=%s: %s; decoding without the disk cache (set data.cache_dir to a "
-                            "writable folder, or data.disk_cache=false).", self.root, err.strerror or err)
+                log.warning(
+                    "data.cache_dir=%s: %s; decoding without the disk cache (set data.cache_dir to a "
+                    "writable folder, or data.disk_cache=false).",
+                    self.root,
+                    err.strerror or err,
+                )
                 return None
             try:
                 if self._read_index(name) is None:
@@ -207,16 +224,31 @@ class ViewCache:
             pass
         return None
 
-    def _build(self, name: str, label: str, spec: dict, stats: list[list], decode: Callable, jobs: Sequence,
-               workers: int | None, progress: bool) -> None:
+    def _build(
+        self,
+        name: str,
+        label: str,
+        spec: dict,
+        stats: list[list],
+        decode: Callable,
+        jobs: Sequence,
+        workers: int | None,
+        progress: bool,
+    ) -> None:
         """Decode every image in parallel straight into the entry's file (never the whole split in memory)."""
         started = time.perf_counter()
         count, shape = len(jobs), (3, *spec["view_size"])
         tmp = self.root / f"{name}.{os.getpid()}.tmp.npy"
         bad, row, pool = [], 0, None
         workers = workers or cpu_count()
-        bar = tqdm(total=count, desc=f"decoding {label} into the cache", unit="img", leave=False,
-                   dynamic_ncols=True, disable=not progress)
+        bar = tqdm(
+            total=count,
+            desc=f"decoding {label} into the cache",
+            unit="img",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not progress,
+        )
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, *shape))
             with open(tmp, "r+b") as f:  # the blocks now: a full disk is an OSError here, not a SIGBUS mid-write
@@ -239,8 +271,9 @@ class ViewCache:
             # Only the good rows: the header's shape rewritten (numpy pads it so that the first axis can
             # shrink or grow in place) and the file cut after the last good image.
             with open(tmp, "r+b") as f:
-                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
-                                                         "shape": (row, *shape)})
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": "|u1", "fortran_order": False, "shape": (row, *shape)}
+                )
                 if f.tell() != offset:
                     raise RuntimeError(f"{tmp}: the .npy header changed length")
                 f.truncate(offset + row * int(np.prod(shape)))
@@ -253,8 +286,15 @@ class ViewCache:
             if pool is not None:
                 pool.close()
                 pool.join()
-        index = {"format": FORMAT, "label": label, "spec": spec, "shape": [row, *shape],
-                 "decode_seconds": round(time.perf_counter() - started, 3), "files": stats, "bad": bad}
+        index = {
+            "format": FORMAT,
+            "label": label,
+            "spec": spec,
+            "shape": [row, *shape],
+            "decode_seconds": round(time.perf_counter() - started, 3),
+            "files": stats,
+            "bad": bad,
+        }
         tmp_index = self.root / f"{name}.{os.getpid()}.tmp.json"
         with open(tmp_index, "w", encoding="utf-8") as f:
             json.dump(index, f)
@@ -268,7 +308,7 @@ class ViewCache:
         for index in self.root.glob("*.json"):
             if ".tmp." in index.name:
                 continue
-            name = index.name[:-len(".json")]
+            name = index.name[: -len(".json")]
             try:
                 used = index.stat().st_mtime
                 size = index.stat().st_size + _size(self.root / f"{name}.npy")
@@ -290,10 +330,17 @@ class ViewCache:
                 total -= size
         free = shutil.disk_usage(self.root).free
         if total + needed > self.max_bytes or needed > free:
-            why = (f"only {free / GB:.2f} GB free on its disk" if needed > free else
-                   f"entries in use by running processes fill data.cache_dir_max_gb={self.max_bytes / GB:g}")
-            log.warning("data.cache_dir=%s: %s, the split needs %.2f GB; decoding without the disk cache.",
-                        self.root, why, needed / GB)
+            why = (
+                f"only {free / GB:.2f} GB free on its disk"
+                if needed > free
+                else f"entries in use by running processes fill data.cache_dir_max_gb={self.max_bytes / GB:g}"
+            )
+            log.warning(
+                "data.cache_dir=%s: %s, the split needs %.2f GB; decoding without the disk cache.",
+                self.root,
+                why,
+                needed / GB,
+            )
             return False
         return True
 

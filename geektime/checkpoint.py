@@ -9,6 +9,7 @@ Format 2 (format 1 files still load for evaluation and resume): model, optimizer
 classes, image_size, normalization, transforms, config (the resolved config, plain types), metrics.
 The lr schedule is a pure function of the config and the step, so no scheduler state is kept.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,9 +95,12 @@ def save_atomic(obj: dict, path: Path) -> None:
             with contextlib.suppress(OSError):
                 Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise OSError(err.errno, f"could not write checkpoint {path}: {err.strerror or err}. "
-                                     "Free disk space or make the run folder writable; "
-                                     "the previous checkpoints are intact.") from None
+            raise OSError(
+                err.errno,
+                f"could not write checkpoint {path}: {err.strerror or err}. "
+                "Free disk space or make the run folder writable; "
+                "the previous checkpoints are intact.",
+            ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -116,17 +120,28 @@ def load(path: Path | str) -> dict:
         raise CheckpointError(
             f"{path}: refused to load: it holds Python objects other than tensors and plain types "
             f"(torch.load weights_only=True). Only load checkpoints you trust; this one may run code. ({err})".split(
-                "\n")[0]) from None
+                "\n"
+            )[0]
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}".split("\n")[0]) from None
-    missing = [k for k in ("format_version", "model", "epoch", "classes", "image_size", "config")
-               if not isinstance(ckpt, dict) or k not in ckpt]
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {err}".split("\n")[0]
+        ) from None
+    missing = [
+        k
+        for k in ("format_version", "model", "epoch", "classes", "image_size", "config")
+        if not isinstance(ckpt, dict) or k not in ckpt
+    ]
     if missing:
-        raise CheckpointError(f"{path}: not a geektime checkpoint (no {', '.join(repr(k) for k in missing)} "
-                              "entries). A plain state dict of weights goes to model.pretrained=<file> instead.")
+        raise CheckpointError(
+            f"{path}: not a geektime checkpoint (no {', '.join(repr(k) for k in missing)} "
+            "entries). A plain state dict of weights goes to model.pretrained=<file> instead."
+        )
     if ckpt["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {ckpt['format_version']} is newer than this geektime "
-                              f"understands ({FORMAT_VERSION}); upgrade geektime")
+        raise CheckpointError(
+            f"{path}: format {ckpt['format_version']} is newer than this geektime "
+            f"understands ({FORMAT_VERSION}); upgrade geektime"
+        )
     return ckpt
 
 
@@ -148,8 +163,9 @@ def resume_file(resume: Path | str) -> Path:
         return resume / "last.pth"
     epochs = epoch_checkpoints(resume)
     if not epochs:
-        raise CheckpointError(f"trainer.resume={resume}: the folder holds no last.pth or epoch_NNN.pth; "
-                              "start a new run instead")
+        raise CheckpointError(
+            f"trainer.resume={resume}: the folder holds no last.pth or epoch_NNN.pth; start a new run instead"
+        )
     return epochs[-1]
 
 
@@ -158,15 +174,21 @@ def model_name(ckpt: dict) -> str | None:
 
 
 def describe(ckpt: dict) -> str:
-    return (f"{model_name(ckpt) or '?'} with {len(ckpt.get('classes', []))} classes "
-            f"{ckpt.get('classes')}, image size {ckpt.get('image_size')}")
+    return (
+        f"{model_name(ckpt) or '?'} with {len(ckpt.get('classes', []))} classes "
+        f"{ckpt.get('classes')}, image size {ckpt.get('image_size')}"
+    )
 
 
 def input_signature(ckpt: dict) -> dict:
     """What a checkpoint expects of its input and produces: the keys of INPUT_KEYS."""
-    return {"model": model_name(ckpt), "classes": list(ckpt.get("classes", [])),
-            "image_size": list(ckpt.get("image_size") or []), "normalization": ckpt.get("normalization"),
-            "transforms": ckpt.get("transforms")}
+    return {
+        "model": model_name(ckpt),
+        "classes": list(ckpt.get("classes", [])),
+        "image_size": list(ckpt.get("image_size") or []),
+        "normalization": ckpt.get("normalization"),
+        "transforms": ckpt.get("transforms"),
+    }
 
 
 def check_compatible(ckpt: dict, path: Path | str, expected: dict, against: str, fix: str | None = None) -> None:
@@ -190,6 +212,7 @@ def check_compatible(ckpt: dict, path: Path | str, expected: dict, against: str,
 
 
 # ---------------------------------------------------------------- metrics.csv: one row per epoch
+
 
 def write_metrics_row(path: Path, columns: list[str], row: dict, keep_up_to: int) -> None:
     """Append one epoch; rows after `keep_up_to` (left by a run killed before its checkpoint) are dropped."""
@@ -216,6 +239,7 @@ def read_metrics(path: Path, raw: bool = False) -> list[dict]:
 
 # ---------------------------------------------------------------- saving and restoring a run
 
+
 class CheckpointSaver:
     """Writes a run's epoch_NNN.pth (every `save_interval` epochs and the last), last.pth (always; a hard link
     to the epoch file when there is one) and metrics.csv, and restores a run from any of its checkpoints."""
@@ -225,8 +249,9 @@ class CheckpointSaver:
         self.saved_epoch = 0
 
     @staticmethod
-    def state(model, optimizer, scaler, epoch: int, phase: str, classes: list[str], image_size, config: dict,
-              metrics: dict) -> dict:
+    def state(
+        model, optimizer, scaler, epoch: int, phase: str, classes: list[str], image_size, config: dict, metrics: dict
+    ) -> dict:
         """The checkpoint dict; `config` is the resolved config as plain types (config.to_plain)."""
         return {
             "format_version": FORMAT_VERSION,

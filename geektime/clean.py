@@ -15,6 +15,7 @@ the run stops half way; `undo` moves each file back, last first, again never ove
 
 Exit status: 0 all rows applied (or undone), 1 some were left (listed), 2 usage error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ def read_cleaning(path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(f)
         missing = {"path", "action"} - set(reader.fieldnames or ())
         if missing:
-            raise CleaningError(f"{path}: no {', '.join(sorted(missing))} column; expected the header "
-                                "path,action,label,to_class (as the bad-case gallery writes it)")
+            raise CleaningError(
+                f"{path}: no {', '.join(sorted(missing))} column; expected the header "
+                "path,action,label,to_class (as the bad-case gallery writes it)"
+            )
         rows = list(reader)
     for line, row in enumerate(rows, start=2):
         action = (row.get("action") or "").strip()
@@ -88,8 +91,9 @@ def free_name(path: Path) -> Path:
     return candidate
 
 
-def carry_out(moves: list[Move], record: Callable[[Move], None] | None = None,
-              rename: bool = True) -> tuple[int, list[str]]:
+def carry_out(
+    moves: list[Move], record: Callable[[Move], None] | None = None, rename: bool = True
+) -> tuple[int, list[str]]:
     """Make the moves, never overwriting: a taken target gets a free name (`rename`) or the move is left.
 
     `record` is called with each move as made (its real target); returns (done, problems)."""
@@ -133,12 +137,15 @@ def apply(cleaning: Path, quarantine: Path, log: Path | None = None) -> int:
         def record(move: Move) -> None:
             writer.writerow([move.action, move.src, move.dst])
             f.flush()
+
         done, problems = carry_out(moves, record)
     deleted = sum(m.action == "delete" for m in moves)
     for problem in refused + problems:
         print(f"  left: {problem}")
-    print(f"{done} of {len(rows)} applied ({deleted} to quarantine {quarantine}, {len(moves) - deleted} relabeled)"
-          f"\nundo with: python -m geektime.clean undo {log}")
+    print(
+        f"{done} of {len(rows)} applied ({deleted} to quarantine {quarantine}, {len(moves) - deleted} relabeled)"
+        f"\nundo with: python -m geektime.clean undo {log}"
+    )
     return 1 if refused or problems else 0
 
 
@@ -152,14 +159,23 @@ def undo(log: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geektime.clean", description=(
-        "Apply a cleaning.csv from the bad-case gallery (deletes go to a quarantine, relabels to their class "
-        "folder) with an undo log, or undo one. Nothing is ever deleted."))
+    parser = argparse.ArgumentParser(
+        prog="python -m geektime.clean",
+        description=(
+            "Apply a cleaning.csv from the bad-case gallery (deletes go to a quarantine, relabels to their class "
+            "folder) with an undo log, or undo one. Nothing is ever deleted."
+        ),
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     apply_parser = commands.add_parser("apply", help="move the images as cleaning.csv says")
     apply_parser.add_argument("cleaning", type=Path, help="cleaning.csv downloaded from the gallery")
-    apply_parser.add_argument("--quarantine", type=Path, required=True, metavar="QDIR",
-                              help="where deleted images go (kept, with their relative paths)")
+    apply_parser.add_argument(
+        "--quarantine",
+        type=Path,
+        required=True,
+        metavar="QDIR",
+        help="where deleted images go (kept, with their relative paths)",
+    )
     apply_parser.add_argument("--log", type=Path, help="undo log (default: QDIR/cleaning_undo_<time>.csv)")
     undo_parser = commands.add_parser("undo", help="move back what an apply moved")
     undo_parser.add_argument("log", type=Path, help="the undo log an apply wrote")

@@ -4,6 +4,7 @@ Each composes its config with Hydra from our conf/, runs its task, and turns the
 (errors.EXPECTED_FAILURES) into one clear message and exit code 2; anything else is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 import gc

@@ -3,6 +3,7 @@
 Types, choices and ranges of single keys are declared once in `geektime.schema`; this module checks only
 what the schema cannot say (both data folders or neither, folders that exist, an image size that is a size).
 """
+
 from __future__ import annotations
 
 import sys
@@ -86,8 +87,10 @@ def workers_setting(key: str, value: Any) -> int | None:
 def existing_dir(key: str, value: Any) -> Path:
     path = Path(str(value)).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"{key}={value}: no such folder (absolute: {path.resolve()}). "
-                          f"Point {key} at a folder with one sub-folder per class.")
+        raise ConfigError(
+            f"{key}={value}: no such folder (absolute: {path.resolve()}). "
+            f"Point {key} at a folder with one sub-folder per class."
+        )
     return path
 
 
@@ -107,8 +110,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     if cfg.transforms.augment.enabled and cfg.transforms.augment.random_resized_crop:
         low, high = cfg.transforms.augment.scale
         if not 0 < low <= high <= 1:
-            raise ConfigError(f"transforms.augment.scale={list(cfg.transforms.augment.scale)} must satisfy "
-                              "0 < low <= high <= 1")
+            raise ConfigError(
+                f"transforms.augment.scale={list(cfg.transforms.augment.scale)} must satisfy 0 < low <= high <= 1"
+            )
     for key in ("train_dir", "val_dir"):
         if cfg.data[key] is not None:
             existing_dir(f"data.{key}", cfg.data[key])

@@ -9,6 +9,7 @@ a later process (a sweep's next job, evaluate.py) maps it instead of decoding; a
 decoded on every access, in DataLoader workers. `load_split` is the one path for training, evaluation and
 unlabeled prediction alike.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,10 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,8 +34,8 @@ from tqdm import tqdm
 from geektime.cache import from_config as view_cache
 from geektime.config import auto_or_bool, resolved_image_size, workers_setting
 from geektime.errors import ConfigError
-from geektime.machine import cpu_count
 from geektime.images import IMAGE_EXTENSIONS, BadImageError, list_split, load_rgb, scan_images
+from geektime.machine import cpu_count
 from geektime.predictions import printable
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ NORMALIZATIONS = {
 
 # ---------------------------------------------------------------- the embedded default data
 
+
 def digits_root() -> Path:
     return Path(os.environ.get("GEEKTIME_DATA", Path.home() / ".cache" / "geektime")).expanduser() / "digits-v1"
 
@@ -65,7 +68,8 @@ def ensure_digits() -> tuple[Path, Path]:
         digits = load_digits()
         pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
         train_idx, val_idx = train_test_split(
-            np.arange(len(pixels)), test_size=0.2, stratify=digits.target, random_state=0)
+            np.arange(len(pixels)), test_size=0.2, stratify=digits.target, random_state=0
+        )
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="digits-", dir=root.parent))
         for split, indices in (("train", train_idx), ("val", val_idx)):
@@ -84,6 +88,7 @@ def ensure_digits() -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------- folders
 
+
 class ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder with our listing: hidden entries skipped, symlink loops safe, clear errors."""
 
@@ -100,7 +105,8 @@ class ImageFolder(datasets.ImageFolder):
         if unprintable:  # a class name goes into logs, CSV columns, plots and exported models
             raise ConfigError(
                 f"{directory}: class folder name(s) {', '.join(unprintable)} hold a line break, tab, control "
-                "character or bytes that are not UTF-8 (shown as %XX); rename the folder(s) to use them as classes.")
+                "character or bytes that are not UTF-8 (shown as %XX); rename the folder(s) to use them as classes."
+            )
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
@@ -113,7 +119,8 @@ class ImageFolder(datasets.ImageFolder):
         if empty and not allow_empty:
             raise ConfigError(
                 f"{directory}: class folder(s) with no images: {', '.join(empty)}. "
-                f"Add images ({', '.join(IMAGE_EXTENSIONS)}) or remove the folder(s).")
+                f"Add images ({', '.join(IMAGE_EXTENSIONS)}) or remove the folder(s)."
+            )
         return samples
 
 
@@ -121,16 +128,20 @@ def open_folder(key: str, directory: Path | str, classes: Sequence[str] | None =
     """An ImageFolder whose classes must equal `classes` when given (val must match train)."""
     folder = ImageFolder(str(directory), loader=load_rgb)
     if len(folder.classes) < 2:
-        raise ConfigError(f"{key}={directory} has {len(folder.classes)} class folder ({folder.classes}); a classifier "
-                          "needs at least 2 (one sub-folder per class, e.g. cats/ and dogs/).")
+        raise ConfigError(
+            f"{key}={directory} has {len(folder.classes)} class folder ({folder.classes}); a classifier "
+            "needs at least 2 (one sub-folder per class, e.g. cats/ and dogs/)."
+        )
     if classes is not None and list(folder.classes) != list(classes):
         raise ConfigError(
             f"{key}={directory} has classes {folder.classes} but the model's classes are {list(classes)}. "
-            "Give every split the same class sub-folders.")
+            "Give every split the same class sub-folders."
+        )
     return folder
 
 
 # ---------------------------------------------------------------- transforms
+
 
 class Letterbox:
     """Fit the long side, keep the aspect ratio, pad to (H, W) with `fill` (centred)."""
@@ -231,6 +242,7 @@ class InputNormalizer:
 
 # ---------------------------------------------------------------- decoded-once images
 
+
 def image_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one image in one epoch, distinct for any seed, epoch and split size."""
     digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
@@ -267,8 +279,7 @@ class ImageSplit(Dataset):
 class DecodedImages(ImageSplit):
     """Views decoded once, held as one uint8 tensor (N, 3, H, W)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, paths: list[str], augmentation=None,
-                 seed: int = 0):
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, paths: list[str], augmentation=None, seed: int = 0):
         super().__init__(paths, targets, augmentation, seed)
         self.images = images
 
@@ -279,8 +290,15 @@ class DecodedImages(ImageSplit):
 class FileImages(ImageSplit):
     """Decoded on every access, for a split too big to cache: run in DataLoader workers."""
 
-    def __init__(self, paths: list[str], targets: torch.Tensor, transform, min_size: tuple[int, int],
-                 augmentation=None, seed: int = 0):
+    def __init__(
+        self,
+        paths: list[str],
+        targets: torch.Tensor,
+        transform,
+        min_size: tuple[int, int],
+        augmentation=None,
+        seed: int = 0,
+    ):
         super().__init__(paths, targets, augmentation, seed)
         self.transform, self.min_size = transform, min_size
 
@@ -304,9 +322,15 @@ def _decode_one(job):
         return None, err.reason
 
 
-def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size: tuple[int, int],
-               workers: int | None = None, desc: str = "decoding",
-               progress: bool = True) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+def decode_all(
+    paths: Sequence[str],
+    transform,
+    min_size: tuple[int, int],
+    size: tuple[int, int],
+    workers: int | None = None,
+    desc: str = "decoding",
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Decode every image once in parallel; returns the uint8 stack (bad ones zeroed) and the bad files."""
     images = np.empty((len(paths), 3, *size), dtype=np.uint8)  # numpy: no intra-op threads competing with the pool
     bad: list[tuple[str, str]] = []
@@ -336,6 +360,7 @@ def decode_all(paths: Sequence[str], transform, min_size: tuple[int, int], size:
 
 # ---------------------------------------------------------------- assembling a split
 
+
 def report_bad(key: str, bad: list[tuple[str, str]], policy: str, root: str) -> None:
     if not bad:
         return
@@ -344,7 +369,8 @@ def report_bad(key: str, bad: list[tuple[str, str]], policy: str, root: str) -> 
         raise ConfigError(
             f"{key}: {len(bad)} unreadable image(s):\n{listing}\n"
             f"Fix or move them (python -m geektime.verify {root} --quarantine <dir>), "
-            "or set data.on_bad_image=skip to leave them out.")
+            "or set data.on_bad_image=skip to leave them out."
+        )
     log.warning("%s: skipping %d unreadable image(s):\n%s", key, len(bad), listing)
 
 
@@ -359,8 +385,19 @@ def want_cache(dcfg, count: int, size: tuple[int, int]) -> str | None:
     return "mapped" if dcfg.disk_cache else None
 
 
-def load_split(key: str, paths: list[str], targets: Sequence[int], root: str, tcfg, dcfg, size: tuple[int, int],
-               train: bool, workers: int | None = None, progress: bool = True, seed: int = 0) -> ImageSplit:
+def load_split(
+    key: str,
+    paths: list[str],
+    targets: Sequence[int],
+    root: str,
+    tcfg,
+    dcfg,
+    size: tuple[int, int],
+    train: bool,
+    workers: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> ImageSplit:
     """The one way images become a split, for training, evaluation and unlabeled prediction alike.
 
     The views are decoded once per machine into the disk cache (geektime.cache; `data.disk_cache`) and read
@@ -377,17 +414,27 @@ def load_split(key: str, paths: list[str], targets: Sequence[int], root: str, tc
         spec = {"transform": str(tcfg.name), "view_size": list(cached_size), "min_size": list(min_size)}
         if str(tcfg.name) == "letterbox":
             spec["fill"] = [int(c) for c in tcfg.fill]
-        found = disk.views(Path(root).name, paths, spec, _decode_one, [(p, transform, min_size) for p in paths],
-                           workers, progress, mapped=mode == "mapped")
+        found = disk.views(
+            Path(root).name,
+            paths,
+            spec,
+            _decode_one,
+            [(p, transform, min_size) for p in paths],
+            workers,
+            progress,
+            mapped=mode == "mapped",
+        )
     if found is not None:
         images, bad = found  # the good images' views only
     elif mode == "memory":
-        images, bad = decode_all(paths, transform, min_size, cached_size, workers, desc=f"decoding {key}",
-                                 progress=progress)
+        images, bad = decode_all(
+            paths, transform, min_size, cached_size, workers, desc=f"decoding {key}", progress=progress
+        )
     else:
         images = None
-        bad = [(str(p), reason) for p, reason in scan_images([Path(p) for p in paths], workers=workers,
-                                                              progress=progress)]
+        bad = [
+            (str(p), reason) for p, reason in scan_images([Path(p) for p in paths], workers=workers, progress=progress)
+        ]
     report_bad(key, bad, dcfg.on_bad_image, root)
     if bad:
         unusable = {p for p, _ in bad}
@@ -402,8 +449,13 @@ def load_split(key: str, paths: list[str], targets: Sequence[int], root: str, tc
 
 def eval_loader(split: ImageSplit, dcfg, processes: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
     """A split in order (this process's shard of it), for evaluation and prediction."""
-    return DataLoader(split, batch_size=dcfg.batch_size, sampler=list(range(rank, len(split), processes)),
-                      num_workers=loader_workers(dcfg, split, processes), pin_memory=pin_memory)
+    return DataLoader(
+        split,
+        batch_size=dcfg.batch_size,
+        sampler=list(range(rank, len(split), processes)),
+        num_workers=loader_workers(dcfg, split, processes),
+        pin_memory=pin_memory,
+    )
 
 
 @dataclass
@@ -425,10 +477,30 @@ def loader_workers(dcfg, dataset: Dataset, processes: int = 1) -> int:
     return max(1, min(4, cpu_count() // processes))
 
 
-def folder_split(key: str, folder: ImageFolder, tcfg, dcfg, size: tuple[int, int], train: bool,
-                 workers: int | None = None, progress: bool = True, seed: int = 0) -> ImageSplit:
-    return load_split(key, [p for p, _ in folder.samples], folder.targets, folder.root, tcfg, dcfg, size, train,
-                      workers, progress, seed)
+def folder_split(
+    key: str,
+    folder: ImageFolder,
+    tcfg,
+    dcfg,
+    size: tuple[int, int],
+    train: bool,
+    workers: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> ImageSplit:
+    return load_split(
+        key,
+        [p for p, _ in folder.samples],
+        folder.targets,
+        folder.root,
+        tcfg,
+        dcfg,
+        size,
+        train,
+        workers,
+        progress,
+        seed,
+    )
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Data:
@@ -440,13 +512,24 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
     train_folder = open_folder("data.train_dir", train_dir)
     val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
     decode_workers = max(1, cpu_count() // world_size)
-    train = folder_split("data.train_dir", train_folder, cfg.transforms, cfg.data, size, True, decode_workers,
-                         rank == 0, seed=cfg.trainer.seed)
+    train = folder_split(
+        "data.train_dir",
+        train_folder,
+        cfg.transforms,
+        cfg.data,
+        size,
+        True,
+        decode_workers,
+        rank == 0,
+        seed=cfg.trainer.seed,
+    )
     val = folder_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers, rank == 0)
     if len(train) < 2 * world_size or len(val) == 0:
         key, count = ("data.train_dir", len(train)) if len(train) < 2 * world_size else ("data.val_dir", len(val))
-        raise ConfigError(f"{key}: {count} usable image(s); training needs at least 2 per process "
-                          "(BatchNorm needs two images in a batch) and evaluation at least 1. Add images.")
+        raise ConfigError(
+            f"{key}: {count} usable image(s); training needs at least 2 per process "
+            "(BatchNorm needs two images in a batch) and evaluation at least 1. Add images."
+        )
 
     # One sampler for one or many processes: shuffles by (seed, epoch), so a resumed run sees the same order.
     train_sampler = EpochSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.trainer.seed)
@@ -454,8 +537,14 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
     # Persistent workers (a split decoded on access): measured 1.27x on augmented EfficientNet-B0 epochs
     # (2 cores), as each epoch no longer starts with cold workers and an empty prefetch queue.
     train_loader = DataLoader(
-        train, batch_size=cfg.data.batch_size, sampler=train_sampler, num_workers=train_workers,
-        pin_memory=pin_memory, drop_last=len(train_sampler) > cfg.data.batch_size,
-        prefetch_factor=4 if train_workers else None, persistent_workers=train_workers > 0)
+        train,
+        batch_size=cfg.data.batch_size,
+        sampler=train_sampler,
+        num_workers=train_workers,
+        pin_memory=pin_memory,
+        drop_last=len(train_sampler) > cfg.data.batch_size,
+        prefetch_factor=4 if train_workers else None,
+        persistent_workers=train_workers > 0,
+    )
     val_loader = eval_loader(val, cfg.data, world_size, rank, pin_memory)
     return Data(list(train_folder.classes), size, train, val, train_loader, val_loader, train_sampler)

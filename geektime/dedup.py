@@ -11,15 +11,16 @@ Three kinds of pair, each pair reported once under the first kind that finds it:
 
 Thresholds misfire both ways (on doraemon_walle's 318 images, pHash distance <= 10 finds 2 true near copies
 and 3 look-alikes; EfficientNet-Lite0 ImageNet features at cosine >= 0.9 find 4 near copies, none false, and
-at 0.8 63 pairs, mostly look-alikes), so near and model pairs are only listed for review, never moved. A pair whose images lie
-in different splits (train / val / valid / validation / test as a folder name; the last one in the path counts)
-is a leak that inflates validation figures, flagged `cross_split`.
+at 0.8 63 pairs, mostly look-alikes), so near and model pairs are only listed for review, never moved. A pair
+whose images lie in different splits (train / val / valid / validation / test as a folder name; the last one in
+the path counts) is a leak that inflates validation figures, flagged `cross_split`.
 
 Outputs in `--out` (default: the current folder): duplicates.csv (path_a,path_b,kind,score,cross_split; score
 is 1 for exact, 1 - distance/64 for near, the cosine for model) and duplicates.html (each pair side by side,
 thumbnails embedded). `--quarantine DIR` moves the second (in path order) of each exact pair to DIR under its
 path relative to the folders given (their common folder), never overwriting and never deleting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +90,9 @@ def _fingerprint(path: Path) -> tuple[str, int | None]:
     return digest.hexdigest(), phash
 
 
-def fingerprints(paths: Sequence[Path], workers: int | None = None,
-                 progress: bool = True) -> dict[Path, tuple[str, int | None]]:
+def fingerprints(
+    paths: Sequence[Path], workers: int | None = None, progress: bool = True
+) -> dict[Path, tuple[str, int | None]]:
     """{path: (sha256, pHash or None)}, computed in worker processes."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths)))
     bar = tqdm(total=len(paths), desc="hashing", unit="img", disable=not progress, leave=False)
@@ -130,7 +132,7 @@ def near_pairs(prints: dict[Path, tuple[str, int | None]], max_distance: int) ->
     pairs = []
     block = 1024
     for start in range(0, len(paths), block):
-        rows = hashes[start:start + block]
+        rows = hashes[start : start + block]
         distances = np.bitwise_count(rows[:, None] ^ hashes[None, :])
         for i, j in zip(*np.nonzero(distances <= max_distance)):
             i = int(i) + start
@@ -145,7 +147,7 @@ def similar_pairs(paths: Sequence[Path], features: np.ndarray, min_similarity: f
     pairs = []
     block = 1024
     for start in range(0, len(paths), block):
-        sims = unit[start:start + block] @ unit.T
+        sims = unit[start : start + block] @ unit.T
         for i, j in zip(*np.nonzero(sims >= min_similarity)):
             i = int(i) + start
             if j > i:
@@ -182,8 +184,9 @@ def _load_model(spec: str):
     return model, mcfg.family, size, OmegaConf.load(conf / "transforms" / "center_crop.yaml"), mcfg.normalization
 
 
-def model_features(model_spec: str | Path, paths: Sequence[Path], batch_size: int = 32,
-                   progress: bool = True) -> tuple[list[Path], np.ndarray]:
+def model_features(
+    model_spec: str | Path, paths: Sequence[Path], batch_size: int = 32, progress: bool = True
+) -> tuple[list[Path], np.ndarray]:
     """Pooled features (the final classifier's input) of the readable images, as the model evaluates them.
 
     `model_spec`: a geektime checkpoint, or a model config name (efficientnet_lite0) for its ImageNet weights."""
@@ -194,6 +197,7 @@ def model_features(model_spec: str | Path, paths: Sequence[Path], batch_size: in
     model, family, size, tcfg, normalization = _load_model(str(model_spec))
     model.eval()
     if family == "efficientnet":
+
         def pooled(x):
             return model.extract_features(x).mean((2, 3))
     else:  # torchvision ResNet: everything up to fc
@@ -201,15 +205,17 @@ def model_features(model_spec: str | Path, paths: Sequence[Path], batch_size: in
 
         def pooled(x):
             return trunk(x).flatten(1)
+
     transform = build_transform(tcfg, size, train=False)
     min_size = decode_size(tcfg, size, train=False)
     normalize = InputNormalizer(normalization, torch.device("cpu"), channels_last=False)
     kept, chunks = [], []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(paths), batch_size), desc="features", unit="batch", disable=not progress,
-                          leave=False):
+        for start in tqdm(
+            range(0, len(paths), batch_size), desc="features", unit="batch", disable=not progress, leave=False
+        ):
             batch, names = [], []
-            for path in paths[start:start + batch_size]:
+            for path in paths[start : start + batch_size]:
                 try:
                     batch.append(transform(load_rgb(path, min_size=min_size)))
                     names.append(path)
@@ -221,9 +227,14 @@ def model_features(model_spec: str | Path, paths: Sequence[Path], batch_size: in
     return kept, (np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32))
 
 
-def find_duplicates(paths: Sequence[Path], max_distance: int = DEFAULT_PHASH_DISTANCE,
-                    model: str | Path | None = None, min_similarity: float = DEFAULT_MIN_SIMILARITY,
-                    workers: int | None = None, progress: bool = True) -> list[Pair]:
+def find_duplicates(
+    paths: Sequence[Path],
+    max_distance: int = DEFAULT_PHASH_DISTANCE,
+    model: str | Path | None = None,
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[Pair]:
     """Ranked pairs: exact first, then near, then model; within a kind by score, highest first."""
     prints = fingerprints(paths, workers, progress)
     found: dict[tuple[Path, Path], Pair] = {}
@@ -236,8 +247,9 @@ def find_duplicates(paths: Sequence[Path], max_distance: int = DEFAULT_PHASH_DIS
     return sorted(found.values(), key=lambda p: (KINDS.index(p.kind), -p.score, str(p.a), str(p.b)))
 
 
-def duplicate_groups(paths: Sequence[Path], max_distance: int = DEFAULT_PHASH_DISTANCE,
-                     workers: int | None = None, progress: bool = True) -> list[list[Path]]:
+def duplicate_groups(
+    paths: Sequence[Path], max_distance: int = DEFAULT_PHASH_DISTANCE, workers: int | None = None, progress: bool = True
+) -> list[list[Path]]:
     """Groups (2 or more, sorted) of images tied by exact or near pairs, chained: what must stay on one side."""
     parent = {p: p for p in paths}
 
@@ -283,14 +295,27 @@ def write_html(pairs: Sequence[Pair], path: Path, limit: int | None = None, thum
     esc = html.escape
     leaks = sum(p.cross_split for p in pairs)
     shown = pairs[:limit]
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', "<title>Duplicates</title>",
-             f"<style>{_STYLE}</style>", "</head>", "<body>", "<h1>Duplicates</h1>",
-             f"<p>{len(pairs)} pairs, {leaks} across splits"
-             + (f"; showing the first {len(shown)}" if len(shown) < len(pairs) else "") + ".</p>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        "<title>Duplicates</title>",
+        f"<style>{_STYLE}</style>",
+        "</head>",
+        "<body>",
+        "<h1>Duplicates</h1>",
+        f"<p>{len(pairs)} pairs, {leaks} across splits"
+        + (f"; showing the first {len(shown)}" if len(shown) < len(pairs) else "")
+        + ".</p>",
+    ]
     for rank, pair in enumerate(shown, start=1):
         parts.append(f'<div class="pair{" leak" if pair.cross_split else ""}">')
-        parts.append(f'<div class="info"><div>#{rank} <b>{pair.kind}</b></div><div>score {pair.score:.4f}</div>'
-                     + ('<div><span class="badge">cross-split</span></div>' if pair.cross_split else "") + "</div>")
+        parts.append(
+            f'<div class="info"><div>#{rank} <b>{pair.kind}</b></div><div>score {pair.score:.4f}</div>'
+            + ('<div><span class="badge">cross-split</span></div>' if pair.cross_split else "")
+            + "</div>"
+        )
         for image in (pair.a, pair.b):
             try:
                 picture = f'<img src="{thumbnail_data_uri(image, thumb_size)}" alt="{esc(str(image))}">'
@@ -320,6 +345,7 @@ def quarantine_exact(pairs: Iterable[Pair], root: Path, qdir: Path) -> tuple[int
 def format_pairs(pairs: Sequence[Pair], root: Path, limit: int) -> str:
     def show(path: Path) -> str:
         return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
     lines = [f"{'#':>4}  {'kind':<5}  score   leak  pair"]
     for rank, pair in enumerate(pairs[:limit], start=1):
         leak = "LEAK" if pair.cross_split else ""
@@ -330,19 +356,40 @@ def format_pairs(pairs: Sequence[Pair], root: Path, limit: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geektime.dedup", description=(
-        "Find exact and near duplicate images (and, with --model, look-alikes) under the folders, flag the pairs "
-        "that cross train/val/test, and write duplicates.csv and duplicates.html."))
+    parser = argparse.ArgumentParser(
+        prog="python -m geektime.dedup",
+        description=(
+            "Find exact and near duplicate images (and, with --model, look-alikes) under the folders, flag the pairs "
+            "that cross train/val/test, and write duplicates.csv and duplicates.html."
+        ),
+    )
     parser.add_argument("dirs", type=Path, nargs="+", help="folders of images (searched recursively)")
-    parser.add_argument("--model", metavar="CHECKPOINT|NAME",
-                        help="also pair images by the pooled features of a checkpoint, or of a model name's "
-                             "ImageNet weights (e.g. efficientnet_lite0)")
-    parser.add_argument("--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY, metavar="COS",
-                        help=f"cosine similarity for a model pair (default {DEFAULT_MIN_SIMILARITY})")
-    parser.add_argument("--phash-distance", type=int, default=DEFAULT_PHASH_DISTANCE, metavar="BITS",
-                        help=f"most differing pHash bits (of 64) for a near pair (default {DEFAULT_PHASH_DISTANCE})")
-    parser.add_argument("--quarantine", type=Path, metavar="QDIR",
-                        help="move the second image of each exact pair here (paths relative to the folders kept)")
+    parser.add_argument(
+        "--model",
+        metavar="CHECKPOINT|NAME",
+        help="also pair images by the pooled features of a checkpoint, or of a model name's "
+        "ImageNet weights (e.g. efficientnet_lite0)",
+    )
+    parser.add_argument(
+        "--min-similarity",
+        type=float,
+        default=DEFAULT_MIN_SIMILARITY,
+        metavar="COS",
+        help=f"cosine similarity for a model pair (default {DEFAULT_MIN_SIMILARITY})",
+    )
+    parser.add_argument(
+        "--phash-distance",
+        type=int,
+        default=DEFAULT_PHASH_DISTANCE,
+        metavar="BITS",
+        help=f"most differing pHash bits (of 64) for a near pair (default {DEFAULT_PHASH_DISTANCE})",
+    )
+    parser.add_argument(
+        "--quarantine",
+        type=Path,
+        metavar="QDIR",
+        help="move the second image of each exact pair here (paths relative to the folders kept)",
+    )
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for duplicates.csv/html (default .)")
     parser.add_argument("--show", type=int, default=50, metavar="N", help="pairs to print (default 50)")
     parser.add_argument("--workers", type=int, metavar="N", help="hashing processes (default: all cores)")
@@ -361,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quarantine is not None and args.quarantine.resolve().is_relative_to(root):
         parser.error(f"--quarantine {args.quarantine}: must be outside {root}, or its files would be searched too")
     try:
-        pairs = find_duplicates(paths, args.phash_distance, args.model, args.min_similarity, args.workers,
-                                not args.quiet)
+        pairs = find_duplicates(
+            paths, args.phash_distance, args.model, args.min_similarity, args.workers, not args.quiet
+        )
     except ValueError as err:  # CheckpointError, ConfigError
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -371,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     write_html(pairs, args.out / "duplicates.html")
     counts = {kind: sum(p.kind == kind for p in pairs) for kind in KINDS}
     leaks = sum(p.cross_split for p in pairs)
-    print(f"{len(paths)} images under {root}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
-          + f" pair(s); {leaks} cross splits")
+    print(
+        f"{len(paths)} images under {root}: "
+        + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        + f" pair(s); {leaks} cross splits"
+    )
     if pairs:
         print(format_pairs(pairs, root, args.show))
     print(f"-> {args.out / 'duplicates.csv'}, {args.out / 'duplicates.html'}")

@@ -1,4 +1,5 @@
 """One process or many: torchrun's environment decides; the rest of the code only asks `is_main`."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,9 @@ def setup(device_setting: str) -> Processes:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return Processes(rank, world_size, local_rank, local_world_size, device)
 
 

@@ -26,6 +26,7 @@ httpx rather than urllib: one connection pool shared by the worker threads keeps
 alive between images (a list from one site, or Open Images' mirror, would otherwise pay a TCP and TLS
 handshake per image), and it has separate connect/read timeouts and streaming with decompression built in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,16 @@ LOG_NAME = "download_log.csv"
 FAILED_DIR = "_failed"
 LOG_FIELDS = ("url", "class", "status", "bytes", "sha256", "file", "reason")
 MAX_REDIRECTS = 5
-_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
-               "TIFF": ".tif", "PPM": ".ppm"}
+_EXTENSIONS = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "GIF": ".gif",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "PPM": ".ppm",
+}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _CHUNK = 1 << 16
 
@@ -124,8 +133,7 @@ def read_urls(path: Path) -> tuple[list[str], int]:
     without = 0
     with open(path, newline="", encoding="utf-8-sig") as f:
         for row in csv.reader(f):
-            url = next((cell.strip() for cell in row if cell.strip().lower().startswith(("http://", "https://"))),
-                       None)
+            url = next((cell.strip() for cell in row if cell.strip().lower().startswith(("http://", "https://"))), None)
             if url:
                 urls[url] = None
             elif any(cell.strip() for cell in row):
@@ -144,8 +152,15 @@ def list_files(urls: Path) -> dict[str, list[Path]]:
     return found
 
 
-def fetch(client: httpx.Client, job: Job, max_bytes: int, pacer: HostPacer, retries: int = 3,
-          backoff: float = 0.5, deadline: float = 120.0) -> Result:
+def fetch(
+    client: httpx.Client,
+    job: Job,
+    max_bytes: int,
+    pacer: HostPacer,
+    retries: int = 3,
+    backoff: float = 0.5,
+    deadline: float = 120.0,
+) -> Result:
     """Download, verify and file one job; transient failures are retried `retries` times."""
     result = Result(job, "network_error")
     for attempt in range(retries + 1):
@@ -180,9 +195,13 @@ def _stream(client: httpx.Client, job: Job, part: Path, max_bytes: int, deadline
             if response.status_code != 200:
                 code = response.status_code
                 wait_s = response.headers.get("retry-after", "")
-                return Result(job, "http_error", reason=f"HTTP {code} {response.reason_phrase}".strip(),
-                              retryable=code == 429 or code >= 500,
-                              retry_after=min(60.0, float(wait_s)) if wait_s.isdigit() else None)
+                return Result(
+                    job,
+                    "http_error",
+                    reason=f"HTTP {code} {response.reason_phrase}".strip(),
+                    retryable=code == 429 or code >= 500,
+                    retry_after=min(60.0, float(wait_s)) if wait_s.isdigit() else None,
+                )
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 return Result(job, "too_large", reason=f"Content-Length {declared} is over the limit of {max_bytes}")
@@ -193,8 +212,13 @@ def _stream(client: httpx.Client, job: Job, part: Path, max_bytes: int, deadline
                     if size > max_bytes:
                         return Result(job, "too_large", size, reason=f"body over the limit of {max_bytes} bytes")
                     if time.monotonic() - started > deadline:
-                        return Result(job, "network_error", size, reason=f"too slow: not done after {deadline:g} s",
-                                      retryable=True)
+                        return Result(
+                            job,
+                            "network_error",
+                            size,
+                            reason=f"too slow: not done after {deadline:g} s",
+                            retryable=True,
+                        )
                     f.write(chunk)
                     sha256.update(chunk)
                     md5.update(chunk)
@@ -238,10 +262,19 @@ def _same_stem(folder: Path, name: str) -> list[Path]:
     return [p for p in folder.glob(f"{name}.*") if p.is_file() and p.stem == name] if folder.is_dir() else []
 
 
-def download_all(jobs: Iterable[Job], client: httpx.Client, workers: int = 8, max_bytes: int = 20 * 10**6,
-                 host_rate: float = 10.0, retries: int = 3, backoff: float = 0.5, deadline: float = 120.0,
-                 max_per_folder: int | None = None, progress: bool = True,
-                 on_result: Callable[[Result], None] | None = None) -> tuple[list[Result], list[Job]]:
+def download_all(
+    jobs: Iterable[Job],
+    client: httpx.Client,
+    workers: int = 8,
+    max_bytes: int = 20 * 10**6,
+    host_rate: float = 10.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    deadline: float = 120.0,
+    max_per_folder: int | None = None,
+    progress: bool = True,
+    on_result: Callable[[Result], None] | None = None,
+) -> tuple[list[Result], list[Job]]:
     """Fetch the jobs whose file is not there yet, in a thread pool, at most `max_per_folder` images per folder.
 
     Returns the new results (completion order) and the jobs skipped because their file was already there.
@@ -252,21 +285,27 @@ def download_all(jobs: Iterable[Job], client: httpx.Client, workers: int = 8, ma
     stems: dict[Path, set[str]] = {}
     for job in jobs:
         if job.folder not in stems:
-            stems[job.folder] = ({p.stem for p in job.folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-                                 if job.folder.is_dir() else set())
+            stems[job.folder] = (
+                {p.stem for p in job.folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+                if job.folder.is_dir()
+                else set()
+            )
         if job.name in stems[job.folder]:
             present.append(job)
             have[job.folder] += 1
         else:
             queues.setdefault(job.folder, deque()).append(job)
-    total = sum(len(q) if max_per_folder is None else min(len(q), max(0, max_per_folder - have[folder]))
-                for folder, q in queues.items())
+    total = sum(
+        len(q) if max_per_folder is None else min(len(q), max(0, max_per_folder - have[folder]))
+        for folder, q in queues.items()
+    )
     pacer = HostPacer(host_rate)
     results: list[Result] = []
     running: dict[Future, Job] = {}
     busy: Counter[Path] = Counter()
     bar = tqdm(total=total, desc="downloading", unit="img", disable=not progress)
     with ThreadPoolExecutor(workers) as pool:
+
         def fill() -> None:
             added = True
             while added and len(running) < 2 * workers:  # round robin over the folders
@@ -277,6 +316,7 @@ def download_all(jobs: Iterable[Job], client: httpx.Client, workers: int = 8, ma
                         running[pool.submit(fetch, client, job, max_bytes, pacer, retries, backoff, deadline)] = job
                         busy[folder] += 1
                         added = True
+
         try:
             fill()
             while running:
@@ -326,9 +366,15 @@ def write_log(dest: Path, rows: dict[tuple[str, str], dict[str, str]]) -> Path:
 
 def log_row(result: Result, dest: Path) -> dict[str, str]:
     job = result.job
-    return {"url": job.url, "class": job.label, "status": result.status, "bytes": str(result.bytes),
-            "sha256": result.sha256, "file": result.file.relative_to(dest).as_posix() if result.file else "",
-            "reason": result.reason}
+    return {
+        "url": job.url,
+        "class": job.label,
+        "status": result.status,
+        "bytes": str(result.bytes),
+        "sha256": result.sha256,
+        "file": result.file.relative_to(dest).as_posix() if result.file else "",
+        "reason": result.reason,
+    }
 
 
 def present_row(job: Job, dest: Path, earlier: dict[str, str] | None) -> dict[str, str]:
@@ -340,8 +386,9 @@ def present_row(job: Job, dest: Path, earlier: dict[str, str] | None) -> dict[st
     return log_row(Result(job, "ok", len(data), hashlib.sha256(data).hexdigest(), file), dest)
 
 
-def run(jobs: list[Job], dest: Path, on_result: Callable[[Result], None] | None = None,
-        **options) -> tuple[list[Result], list[Job], Path]:
+def run(
+    jobs: list[Job], dest: Path, on_result: Callable[[Result], None] | None = None, **options
+) -> tuple[list[Result], list[Job], Path]:
     """download_all with the log kept: earlier rows kept, new results replace them, written even on Ctrl-C.
 
     `on_result` sees each new result (in the main thread) before it is logged."""
@@ -359,8 +406,13 @@ def run(jobs: list[Job], dest: Path, on_result: Callable[[Result], None] | None 
         rows[(result.job.url, result.job.label)] = log_row(result, dest)
 
     try:
-        with httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=httpx.Timeout(timeout),
-                          headers={"User-Agent": USER_AGENT}, limits=limits) as client:
+        with httpx.Client(
+            follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
+            timeout=httpx.Timeout(timeout),
+            headers={"User-Agent": USER_AGENT},
+            limits=limits,
+        ) as client:
             results, present = download_all(jobs, client, on_result=record, **options)
     finally:
         for job in present:
@@ -418,9 +470,13 @@ def _rate(text: str) -> float:
 
 
 def build_parser(prog: str = "python -m geektime.download") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Download the images of a URL list (or a folder of <class>.csv|txt lists) into DEST, check each one "
-        "as training decodes it, and log every URL in DEST/download_log.csv. A rerun resumes."))
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Download the images of a URL list (or a folder of <class>.csv|txt lists) into DEST, check each one "
+            "as training decodes it, and log every URL in DEST/download_log.csv. A rerun resumes."
+        ),
+    )
     parser.add_argument("urls", type=Path, help="a .txt/.csv of URLs, or a folder of <class>.csv|txt files")
     parser.add_argument("dest", type=Path, help="folder for the images (one sub-folder per class list)")
     add_network_options(parser)
@@ -430,21 +486,47 @@ def build_parser(prog: str = "python -m geektime.download") -> argparse.Argument
 
 def add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=8, metavar="N", help="parallel downloads (default 8)")
-    parser.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S",
-                        help="seconds to connect and between received bytes (default 10)")
-    parser.add_argument("--max-bytes", type=parse_size, default=parse_size("20MB"), metavar="SIZE",
-                        help="largest file accepted, e.g. 500KB, 20MB (default 20MB)")
-    parser.add_argument("--retries", type=_count, default=3, metavar="N",
-                        help="retries of a transient failure, with back-off (default 3)")
-    parser.add_argument("--host-rate", type=_rate, default=10.0, metavar="R",
-                        help="at most R requests per second to one host, 0 for no limit (default 10)")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds to connect and between received bytes (default 10)",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=parse_size("20MB"),
+        metavar="SIZE",
+        help="largest file accepted, e.g. 500KB, 20MB (default 20MB)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="retries of a transient failure, with back-off (default 3)",
+    )
+    parser.add_argument(
+        "--host-rate",
+        type=_rate,
+        default=10.0,
+        metavar="R",
+        help="at most R requests per second to one host, 0 for no limit (default 10)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def network_options(args: argparse.Namespace) -> dict:
-    return {"workers": args.workers, "timeout": args.timeout, "max_bytes": args.max_bytes,
-            "retries": args.retries, "host_rate": args.host_rate, "deadline": 12 * args.timeout,
-            "progress": not args.quiet}
+    return {
+        "workers": args.workers,
+        "timeout": args.timeout,
+        "max_bytes": args.max_bytes,
+        "retries": args.retries,
+        "host_rate": args.host_rate,
+        "deadline": 12 * args.timeout,
+        "progress": not args.quiet,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ only inference; in a sweep, once for every job sharing data, size and transform)
 workers when they don't. Metrics are computed from the txt as written, so the txt, its JSON and the table
 agree; a txt that was edited by hand since this program wrote it is moved aside, never overwritten.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,19 @@ from geektime.errors import ConfigError
 from geektime.images import list_images
 from geektime.inference import fold_batchnorm
 from geektime.machine import cpu_count, resolve_device
-from geektime.metrics import (confusion_png_path, epoch_table, format_report, format_selection, format_table,
-                              save_confusion_png, select_best, threshold_for, write_report, write_table_csv,
-                              write_threshold_outputs)
+from geektime.metrics import (
+    confusion_png_path,
+    epoch_table,
+    format_report,
+    format_selection,
+    format_table,
+    save_confusion_png,
+    select_best,
+    threshold_for,
+    write_report,
+    write_table_csv,
+    write_threshold_outputs,
+)
 from geektime.models import build_model, channels_last_pays
 from geektime.predictions import read_predictions, write_predictions
 from geektime.schema import EvaluateConfig, check_ranges
@@ -41,6 +52,7 @@ log = logging.getLogger("geektime.evaluate")
 
 
 # ---------------------------------------------------------------- what to evaluate
+
 
 def checkpoint_files(target: Path) -> list[Path]:
     """A checkpoint file as given; a run dir's epoch_NNN.pth files (or its last.pth); [] for anything else."""
@@ -91,12 +103,15 @@ def check_request(cfg: DictConfig, classes: list[str]) -> None:
     """Everything about the selection and thresholds that can be wrong, before any image is decoded."""
     positive = cfg.select.positive
     if positive is not None and positive not in classes:
-        raise ConfigError(f"select.positive={positive!r} is not a class of the checkpoint; choose one of: "
-                          f"{', '.join(classes)}")
+        raise ConfigError(
+            f"select.positive={positive!r} is not a class of the checkpoint; choose one of: {', '.join(classes)}"
+        )
     targets = [k for k in ("target_recall", "target_precision") if cfg.threshold[k] is not None]
     if targets and positive is None:
-        raise ConfigError(f"threshold.{targets[0]} needs select.positive=<class>: a threshold is on one class's "
-                          f"probability (one of: {', '.join(classes)})")
+        raise ConfigError(
+            f"threshold.{targets[0]} needs select.positive=<class>: a threshold is on one class's "
+            f"probability (one of: {', '.join(classes)})"
+        )
     if len(targets) == 2:
         raise ConfigError("give one of threshold.target_recall and threshold.target_precision, not both")
     if cfg.data.test_dir is not None and targets:
@@ -104,6 +119,7 @@ def check_request(cfg: DictConfig, classes: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- the images
+
 
 @dataclass
 class Inputs:
@@ -148,13 +164,21 @@ def load_inputs(cfg: DictConfig, first: dict) -> Inputs:
     split = load_split(key, paths, targets, root, tcfg, cfg.data, size, train=False, workers=cpu_count())
     if len(split) == 0:
         raise ConfigError(f"{key}={root}: no usable images left")
-    log.info("%d %s images from %s at %s (%s)", len(split), "val" if cfg.data.test_dir is None else "unlabeled",
-             root, size, tcfg.name)
-    return Inputs(eval_loader(split, cfg.data), split.paths, split.targets, root, cfg.data.test_dir is None,
-                  size, str(tcfg.name))
+    log.info(
+        "%d %s images from %s at %s (%s)",
+        len(split),
+        "val" if cfg.data.test_dir is None else "unlabeled",
+        root,
+        size,
+        tcfg.name,
+    )
+    return Inputs(
+        eval_loader(split, cfg.data), split.paths, split.targets, root, cfg.data.test_dir is None, size, str(tcfg.name)
+    )
 
 
 # ---------------------------------------------------------------- txt files a person may have edited
+
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -189,6 +213,7 @@ def record_digest(txt: Path) -> None:
 
 # ---------------------------------------------------------------- evaluating
 
+
 def evaluate_job(cfg: DictConfig, job: Job, inputs: Inputs, device: torch.device, out_dir: Path) -> list[tuple]:
     """Every checkpoint of `job` on `inputs`: its txt (and, when labeled, JSON report); [(name, report, txt)]."""
     first, classes = job.first, job.first["classes"]
@@ -201,18 +226,34 @@ def evaluate_job(cfg: DictConfig, job: Job, inputs: Inputs, device: torch.device
     results = []
     for path in job.files:
         ckpt = first if path == job.files[0] else checkpoint.load(path)
-        checkpoint.check_compatible(ckpt, path, signature, f"{job.files[0]} holds {checkpoint.describe(first)}",
-                                    "The files of one run must share their input: evaluate them separately.")
+        checkpoint.check_compatible(
+            ckpt,
+            path,
+            signature,
+            f"{job.files[0]} holds {checkpoint.describe(first)}",
+            "The files of one run must share their input: evaluate them separately.",
+        )
         base.load_state_dict(ckpt["model"])  # same architecture throughout: only the weights change
         # BatchNorm folded into the convolutions: 1.32x timm's eager eval where ours was 0.98x (bench_inference)
         model = fold_batchnorm(copy.deepcopy(base)).to(device=device, memory_format=memory_format)
         probs = predict(model, inputs.loader, normalizer, device, amp=device.type == "cuda")
         txt = out_dir / (f"{path.stem}.txt" if inputs.labeled else f"{path.stem}_test.txt")
         move_aside_if_edited(txt)
-        write_predictions(txt, classes, probs.numpy(), inputs.targets.numpy(), inputs.paths, header={
-            "checkpoint": str(path), "epoch": ckpt.get("epoch"), "data": inputs.source,
-            "image_size": f"{inputs.size[0]}x{inputs.size[1]}", "transform": inputs.transform,
-            "date": datetime.now().isoformat(timespec="seconds")})
+        write_predictions(
+            txt,
+            classes,
+            probs.numpy(),
+            inputs.targets.numpy(),
+            inputs.paths,
+            header={
+                "checkpoint": str(path),
+                "epoch": ckpt.get("epoch"),
+                "data": inputs.source,
+                "image_size": f"{inputs.size[0]}x{inputs.size[1]}",
+                "transform": inputs.transform,
+                "date": datetime.now().isoformat(timespec="seconds"),
+            },
+        )
         report = None
         if inputs.labeled:
             report = write_report(read_predictions(txt), txt, confusion_png=len(job.files) == 1)
@@ -233,8 +274,9 @@ def choose(cfg: DictConfig, results: list[tuple], out_dir: Path, run_dir: Path) 
     print(format_table(table))
     if len(rows) == 1:
         print(format_report(rows[0][1]))
-    best = select_best(rows, str(cfg.select.metric), cfg.select.positive, cfg.select.min_precision,
-                       cfg.select.min_recall)
+    best = select_best(
+        rows, str(cfg.select.metric), cfg.select.positive, cfg.select.min_precision, cfg.select.min_recall
+    )
     best["checkpoint_path"] = str(run_dir / best["checkpoint"])
     best["predictions"] = str(txts[best["checkpoint"]])
     best["confusion_png"] = str(confusion_png_path(txts[best["checkpoint"]]))
@@ -254,8 +296,10 @@ def thresholds(cfg: DictConfig, txt: Path) -> None:
     print(f"precision/recall at every threshold of p({positive}): {csv_path}, {png_path}")
     if cfg.threshold.target_recall is not None or cfg.threshold.target_precision is not None:
         found = threshold_for(pred, positive, cfg.threshold.target_recall, cfg.threshold.target_precision)
-        print(f"threshold {found['threshold']:.5f} on p({positive}): precision {found['precision']:.5f}, "
-              f"recall {found['recall']:.5f}")
+        print(
+            f"threshold {found['threshold']:.5f} on p({positive}): precision {found['precision']:.5f}, "
+            f"recall {found['recall']:.5f}"
+        )
         txt.with_name(f"{txt.stem}_{positive}_threshold.json").write_text(json.dumps(found, indent=2) + "\n")
 
 
@@ -301,8 +345,10 @@ def evaluate_sweep(cfg: DictConfig, jobs: list[Job], sweep_dir: Path) -> dict | 
     for job in jobs:
         size, tcfg = input_settings(cfg, job.first)
         val_dir = cfg.data.test_dir or cfg.data.val_dir or job.first["config"]["data"].get("val_dir")
-        key = json.dumps([str(val_dir), size, OmegaConf.to_container(tcfg), job.first["normalization"],
-                          job.first["classes"]], sort_keys=True)
+        key = json.dumps(
+            [str(val_dir), size, OmegaConf.to_container(tcfg), job.first["normalization"], job.first["classes"]],
+            sort_keys=True,
+        )
         groups.setdefault(key, []).append(job)
     overrides = {job.name: job_overrides(job.run_dir) for job in jobs}
     varying, _ = swept_keys(list(overrides.values()))
@@ -321,12 +367,15 @@ def evaluate_sweep(cfg: DictConfig, jobs: list[Job], sweep_dir: Path) -> dict | 
     sweep_eval.mkdir(exist_ok=True)
     rows, reports = [], []
     for job in jobs:  # job order, then epoch order: select_best's ties go to the earlier one
-        for name, report, txt in results[job.name]:
+        for name, report, _ in results[job.name]:
             qualified = f"{job.name}/{name}"
             reports.append((qualified, report))
-            row = {"job": job.name, **{k: overrides[job.name].get(k) for k in varying},
-                   "epoch": ckpt_epoch(Path(name)),
-                   "accuracy": report["accuracy"]}
+            row = {
+                "job": job.name,
+                **{k: overrides[job.name].get(k) for k in varying},
+                "epoch": ckpt_epoch(Path(name)),
+                "accuracy": report["accuracy"],
+            }
             for cls, figures in report["per_class"].items():
                 row[f"{cls}_precision"], row[f"{cls}_recall"] = figures["precision"], figures["recall"]
             rows.append(row)
@@ -334,13 +383,19 @@ def evaluate_sweep(cfg: DictConfig, jobs: list[Job], sweep_dir: Path) -> dict | 
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    best = select_best(reports, str(cfg.select.metric), cfg.select.positive, cfg.select.min_precision,
-                       cfg.select.min_recall)
+    best = select_best(
+        reports, str(cfg.select.metric), cfg.select.positive, cfg.select.min_precision, cfg.select.min_recall
+    )
     job_name, name = best["checkpoint"].split("/", 1)
     job = next(j for j in jobs if j.name == job_name)
     txt = next(t for n, _, t in results[job_name] if n == name)
-    best.update(job=job_name, overrides=overrides[job_name], checkpoint_path=str(job.run_dir / name),
-                predictions=str(txt), epoch=ckpt_epoch(job.run_dir / name))
+    best.update(
+        job=job_name,
+        overrides=overrides[job_name],
+        checkpoint_path=str(job.run_dir / name),
+        predictions=str(txt),
+        epoch=ckpt_epoch(job.run_dir / name),
+    )
     _write_best(best, sweep_eval)
     print(f"one row per job and epoch: {sweep_eval / 'checkpoints.csv'}")
     if cfg.select.positive is not None:
@@ -364,8 +419,10 @@ def evaluate_txt(cfg: DictConfig) -> dict:
     report = write_report(pred, txt)
     if written is not None:  # what the evaluator wrote stays on record, so a later evaluation keeps this edit
         meta = txt.with_suffix(".json")
-        meta.write_text(json.dumps({**json.loads(meta.read_text(encoding="utf-8")), "written_sha256": written},
-                                   indent=2) + "\n", encoding="utf-8")
+        meta.write_text(
+            json.dumps({**json.loads(meta.read_text(encoding="utf-8")), "written_sha256": written}, indent=2) + "\n",
+            encoding="utf-8",
+        )
     print(format_report(report))
     print(f"\n-> {txt.with_suffix('.json')}")
     if cfg.select.positive is not None:

@@ -7,6 +7,7 @@ The export checks itself before anything is written under its final name: probab
 --images folder, else the checkpoint's val folder, else random pixels) through the exported file are compared
 with eager PyTorch at batch sizes N and 1; above --tolerance the export fails and leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,17 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> N
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
 def _export_torchscript(model: torch.nn.Module, path: Path) -> None:
@@ -89,8 +99,14 @@ def _export_torchscript(model: torch.nn.Module, path: Path) -> None:
         torch.jit.save(torch.jit.script(model), str(path))
 
 
-def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", out_dir: str | os.PathLike | None = None,
-           images_dir: str | None = None, count: int = 8, tolerance: float = TOLERANCE) -> dict:
+def export(
+    ckpt_path: str | os.PathLike,
+    fmt: str = "onnx",
+    out_dir: str | os.PathLike | None = None,
+    images_dir: str | None = None,
+    count: int = 8,
+    tolerance: float = TOLERANCE,
+) -> dict:
     """Write <out>/model.onnx (or model.pt) and <out>/model.json; returns model.json's content."""
     ckpt_path = Path(ckpt_path)
     ckpt = checkpoint.load(ckpt_path)
@@ -115,23 +131,42 @@ def export(ckpt_path: str | os.PathLike, fmt: str = "onnx", out_dir: str | os.Pa
         with torch.inference_mode():
             expected = reference(torch.from_numpy(images)).numpy()
         got_batch = engine.predict(images)
-        got_single = np.concatenate([engine.predict(images[i:i + 1]) for i in range(len(images))])
+        got_single = np.concatenate([engine.predict(images[i : i + 1]) for i in range(len(images))])
         max_diff = float(max(np.abs(got_batch - expected).max(), np.abs(got_single - expected).max()))
         if not max_diff <= tolerance:
-            raise ExportError(f"{fmt} export of {ckpt_path} disagrees with eager PyTorch: max |dp| = {max_diff:.3g} "
-                              f"on {source} (tolerance {tolerance:g}); nothing was written")
-        info.update({
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW",
-                      "shape": ["batch", 3, *ckpt["image_size"]]},
-            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(ckpt["classes"])],
-                       "meaning": "softmax probabilities in the order of classes"},
-            "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path),
-                       "epoch": ckpt.get("epoch")},
-            "versions": _versions(fmt),
-            "check": {"images": source, "batch_sizes": [len(images), 1], "max_abs_diff": max_diff,
-                      "tolerance": tolerance},
-            "exported": datetime.now().isoformat(timespec="seconds"),
-        })
+            raise ExportError(
+                f"{fmt} export of {ckpt_path} disagrees with eager PyTorch: max |dp| = {max_diff:.3g} "
+                f"on {source} (tolerance {tolerance:g}); nothing was written"
+            )
+        info.update(
+            {
+                "input": {
+                    "name": INPUT_NAME,
+                    "dtype": "uint8",
+                    "layout": "NCHW",
+                    "shape": ["batch", 3, *ckpt["image_size"]],
+                },
+                "output": {
+                    "name": OUTPUT_NAME,
+                    "dtype": "float32",
+                    "shape": ["batch", len(ckpt["classes"])],
+                    "meaning": "softmax probabilities in the order of classes",
+                },
+                "source": {
+                    "checkpoint": str(ckpt_path.resolve()),
+                    "sha256": sha256(ckpt_path),
+                    "epoch": ckpt.get("epoch"),
+                },
+                "versions": _versions(fmt),
+                "check": {
+                    "images": source,
+                    "batch_sizes": [len(images), 1],
+                    "max_abs_diff": max_diff,
+                    "tolerance": tolerance,
+                },
+                "exported": datetime.now().isoformat(timespec="seconds"),
+            }
+        )
         tmp_meta.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, target)
         os.replace(tmp_meta, sidecar(target))
@@ -158,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/export)")
     parser.add_argument("--images", help="images for the self-check (default: the checkpoint's val folder)")
     parser.add_argument("--count", type=int, default=8, help="images in the self-check (default 8)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help=f"largest |difference| in probability allowed against eager PyTorch ({TOLERANCE:g})")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help=f"largest |difference| in probability allowed against eager PyTorch ({TOLERANCE:g})",
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
@@ -169,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"
-    print(f"wrote {out / info['file']} and {out / 'model.json'}: {len(info['classes'])} classes, "
-          f"input uint8 (batch, 3, {info['image_size'][0]}, {info['image_size'][1]}), "
-          f"max |dp| {info['check']['max_abs_diff']:.2g} against eager PyTorch on {info['check']['images']}")
+    print(
+        f"wrote {out / info['file']} and {out / 'model.json'}: {len(info['classes'])} classes, "
+        f"input uint8 (batch, 3, {info['image_size'][0]}, {info['image_size'][1]}), "
+        f"max |dp| {info['check']['max_abs_diff']:.2g} against eager PyTorch on {info['check']['images']}"
+    )
     return 0
 
 

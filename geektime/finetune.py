@@ -6,6 +6,7 @@ optimizer, and the learning rate (and one-cycle momentum) at every step of the p
 epoch and the step, so a resume in either phase, under any process count, continues where a straight run is.
 At a phase boundary the optimizer starts afresh; the checkpoint records the phase it was written in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,8 +81,14 @@ class Schedule:
         if not self.per_step:
             return self.epoch_factor(done), None
         total = self.phase.epochs * self.steps_per_epoch
-        return onecycle(done * self.steps_per_epoch + step, total, self.phase.pct_start, self.scfg.div,
-                        self.scfg.div_final, tuple(self.scfg.moms))
+        return onecycle(
+            done * self.steps_per_epoch + step,
+            total,
+            self.phase.pct_start,
+            self.scfg.div,
+            self.scfg.div_final,
+            tuple(self.scfg.moms),
+        )
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
         set_schedule(optimizer, *self.at(epoch, step))

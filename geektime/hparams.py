@@ -6,6 +6,7 @@ parallel-coordinates view of the sweep. No experiment summary is written: Tensor
 from every job's values, with the keys that differ between jobs (the swept ones) first, and takes the metric
 columns from the `best/*` scalars of these sessions only (not every per-epoch curve in `tb/`).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,17 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from geektime.sweep import parse_overrides
 
 # The config values worth a column in every run, swept or not.
-MAIN_KEYS = ["model.name", "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "data.batch_size",
-             "data.image_size", "transforms.name", "scheduler.name", "trainer.epochs"]
+MAIN_KEYS = [
+    "model.name",
+    "optimizer.name",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "data.batch_size",
+    "data.image_size",
+    "transforms.name",
+    "scheduler.name",
+    "trainer.epochs",
+]
 METRICS = ["val_acc", "val_loss", "macro_precision", "macro_recall"]
 HPARAMS_DIR = "tb/hparams"
 METRIC_TAG = "best/{}"  # apart from the per-epoch val/* curves: HParams shows a scalar's value at its last step
@@ -54,8 +64,7 @@ def log_hparams(run_dir: Path, hparams: dict, metrics: dict, step: int = 0) -> N
 
     Metrics that are None or NaN (a failed epoch) are left out rather than shown as a number.
     """
-    metrics = {METRIC_TAG.format(k): float(v) for k, v in metrics.items()
-               if v is not None and not math.isnan(float(v))}
+    metrics = {METRIC_TAG.format(k): float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
     _, session_start, session_end = hparams_summaries({k: _scalar(v) for k, v in hparams.items()}, metrics)
     with SummaryWriter(str(Path(run_dir) / HPARAMS_DIR)) as writer:
         for summary in (session_start, session_end):

@@ -19,6 +19,7 @@ Decisions:
 * A folder is listed once, under its own path: links up the tree, into it again or to a folder already
   listed are passed over with a reason (walk_files), so no image is read as two classes.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,9 +68,11 @@ class BadImageError(ValueError):
         super().__init__(path, reason)
 
     def __str__(self) -> str:
-        return (f"{printable(self.path)}: {self.reason}. To find every such file run "
-                f"`python -m geektime.verify {printable(self.path.parent.parent)} --quarantine <dir>`, "
-                "or set data.on_bad_image=skip to leave them out.")
+        return (
+            f"{printable(self.path)}: {self.reason}. To find every such file run "
+            f"`python -m geektime.verify {printable(self.path.parent.parent)} --quarantine <dir>`, "
+            "or set data.on_bad_image=skip to leave them out."
+        )
 
 
 def load_rgb(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> Image.Image:
@@ -95,9 +98,13 @@ def load_rgb(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImageError(path, (
-            f"possible decompression bomb: {err} If the image is legitimate, raise the limit "
-            "(PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable it) or downscale the file")) from None
+        raise BadImageError(
+            path,
+            (
+                f"possible decompression bomb: {err} If the image is legitimate, raise the limit "
+                "(PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable it) or downscale the file"
+            ),
+        ) from None
     except UnidentifiedImageError:
         raise BadImageError(path, _unidentified(path)) from None
     except OSError as err:
@@ -112,10 +119,14 @@ def _check_aspect(path: str | os.PathLike, size: tuple[int, int]) -> None:
     """Refuse an image too elongated for any transform, from its header (before decoding a pixel)."""
     long, short = max(size), min(size)
     if MAX_ASPECT_RATIO is not None and long > MAX_ASPECT_RATIO * short:
-        raise BadImageError(path, (
-            f"extreme aspect ratio {size[0]}x{size[1]} (more than {MAX_ASPECT_RATIO}:1): fitted to the model's "
-            "input it would be a thin line or a sliver of the picture. Crop it, or raise "
-            "geektime.images.MAX_ASPECT_RATIO if such images are legitimate"))
+        raise BadImageError(
+            path,
+            (
+                f"extreme aspect ratio {size[0]}x{size[1]} (more than {MAX_ASPECT_RATIO}:1): fitted to the model's "
+                "input it would be a thin line or a sliver of the picture. Crop it, or raise "
+                "geektime.images.MAX_ASPECT_RATIO if such images are legitimate"
+            ),
+        )
 
 
 def check_image(path: str | os.PathLike) -> str | None:
@@ -185,8 +196,9 @@ def _within(path: str, folder: str) -> bool:
 
 def list_images(root: str | os.PathLike) -> list[Path]:
     """The image files under `root` (by extension, any case), sorted; see walk_files for what is skipped."""
-    return sorted(path for path, skipped in walk_files(root)
-                  if skipped is None and path.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        path for path, skipped in walk_files(root) if skipped is None and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def list_split(root: str | os.PathLike) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
@@ -207,19 +219,22 @@ def list_split(root: str | os.PathLike) -> tuple[dict[str, list[Path]], list[tup
             files.setdefault(parts[0], []).append(path)
     refused = {path for path, _ in passed_over}
     with os.scandir(root) as entries:
-        classes = sorted(e.name for e in entries
-                         if e.is_dir() and not e.name.startswith(".") and Path(e.path) not in refused)
+        classes = sorted(
+            e.name for e in entries if e.is_dir() and not e.name.startswith(".") and Path(e.path) not in refused
+        )
     return {name: sorted(files.get(name, [])) for name in classes}, passed_over
 
 
-def scan_images(paths: Iterable[Path], workers: int | None = None,
-                progress: bool = True) -> list[tuple[Path, str]]:
+def scan_images(paths: Iterable[Path], workers: int | None = None, progress: bool = True) -> list[tuple[Path, str]]:
     """The unusable files among `paths` with their reasons, in input order, checked in worker processes."""
     paths = list(paths)
     workers = min(workers or os.cpu_count() or 1, len(paths))
     # The limits travel explicitly: a user raising it must not depend on the start method.
-    pool = ProcessPoolExecutor(workers, initializer=_set_limits,
-                               initargs=(Image.MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO)) if workers > 1 else None
+    pool = (
+        ProcessPoolExecutor(workers, initializer=_set_limits, initargs=(Image.MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO))
+        if workers > 1
+        else None
+    )
     bar = tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress, leave=False)
     try:
         if pool is None:

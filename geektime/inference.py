@@ -9,6 +9,7 @@ Eager checkpoints get their BatchNorm layers folded into the preceding convoluti
 evaluation a BatchNorm is a fixed per-channel affine map, so folding it removes one pass over every feature map
 without changing the function (differences are float rounding, ~1e-7 in probabilities).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
             continue
         source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and isinstance(modules[source.target], nn.Conv2d)):
+        if not (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and len(source.users) == 1
+            and isinstance(modules[source.target], nn.Conv2d)
+        ):
             continue
         conv, bn = modules[source.target], modules[node.target]
         if not bn.track_running_stats or bn.running_mean is None:
@@ -89,9 +94,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def model_info(ckpt: dict) -> dict:
     """What a caller must know to feed a checkpoint's model: classes, size, transform, normalization."""
-    return {"classes": list(ckpt["classes"]), "image_size": list(ckpt["image_size"]),
-            "transforms": ckpt["transforms"], "normalization": ckpt["normalization"],
-            "model": ckpt.get("config", {}).get("model", {}).get("name")}
+    return {
+        "classes": list(ckpt["classes"]),
+        "image_size": list(ckpt["image_size"]),
+        "transforms": ckpt["transforms"],
+        "normalization": ckpt["normalization"],
+        "model": ckpt.get("config", {}).get("model", {}).get("name"),
+    }
 
 
 def eager_model(ckpt: dict, fold: bool = True, channels_last: bool | None = None) -> Deployable:
@@ -166,8 +175,10 @@ class Engine:
         try:
             info = json.loads(meta.read_text())
         except FileNotFoundError:
-            raise ModelFileError(f"{meta}: missing; {self.path} needs the model.json written next to it by "
-                                 "`python -m geektime.export` (classes, image size, transform)") from None
+            raise ModelFileError(
+                f"{meta}: missing; {self.path} needs the model.json written next to it by "
+                "`python -m geektime.export` (classes, image size, transform)"
+            ) from None
         except (OSError, json.JSONDecodeError) as err:
             raise ModelFileError(f"{meta}: not readable JSON ({err}); export the model again") from None
         missing = [k for k in ("classes", "image_size", "transforms", "normalization") if k not in info]

@@ -6,6 +6,7 @@ and the random generators back exactly as they were. `suggest` reads the recorde
 `Learner.lr_find` does (same trimming, same four rules, same indices: tests/data/lr_find/ holds fastai's own
 answers), and `main` is the Hydra task behind `python -m geektime.lr_find` (see README "Finding a learning rate").
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,7 @@ MIN_STEPS = 6  # fastai's floor: the curve keeps steps num_it//10 .. -5, so fewe
 
 # ---------------------------------------------------------------- the schedule and the smoothing
 
+
 def sweep_lrs(start_lr: float, end_lr: float, num_it: int) -> np.ndarray:
     """lr of step i (0-based): start_lr * (end_lr / start_lr) ** (i / num_it); the last step stays below end_lr."""
     return start_lr * (end_lr / start_lr) ** (np.arange(num_it) / num_it)
@@ -52,17 +54,18 @@ class SmoothedLoss:
     def update(self, loss: float) -> float:
         self.avg = self.beta * self.avg + (1 - self.beta) * loss
         self.count += 1
-        return self.avg / (1 - self.beta ** self.count)
+        return self.avg / (1 - self.beta**self.count)
 
 
 # ---------------------------------------------------------------- reading the curve (fastai 2.8's rules)
+
 
 def trimmed(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> tuple[np.ndarray, np.ndarray]:
     """The part of the curve the suggestions read: steps num_it//10 .. -5 (the first steps are noise, the last
     ones diverge), cut before the first non-finite loss. fastai cuts at NaN only; an inf cannot reach here
     from `find_lr`, which stops at it, and the last five steps are dropped."""
-    lrs = np.asarray(lrs, dtype=np.float64)[num_it // 10:-5]
-    losses = np.asarray(losses, dtype=np.float64)[num_it // 10:-5]
+    lrs = np.asarray(lrs, dtype=np.float64)[num_it // 10 : -5]
+    losses = np.asarray(losses, dtype=np.float64)[num_it // 10 : -5]
     bad = np.flatnonzero(~np.isfinite(losses))
     end = int(bad[0]) if len(bad) else len(losses)
     return lrs[:end], losses[:end]
@@ -141,9 +144,11 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], num_it: int) -> tup
 
 # ---------------------------------------------------------------- the sweep
 
+
 @dataclass
 class Sweep:
     """What a sweep recorded, one entry per step taken."""
+
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
@@ -183,13 +188,25 @@ def _batches(loader, num_it: int):
             if taken == num_it:
                 return
         if empty:
-            raise ConfigError("lr_find: the training loader gave no batch (data.batch_size larger than the split "
-                              "with drop_last?)")
+            raise ConfigError(
+                "lr_find: the training loader gave no batch (data.batch_size larger than the split with drop_last?)"
+            )
 
 
-def find_lr(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: Callable, normalizer,
-            device: torch.device, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
-            stop_factor: float = 4.0, amp: bool = False, show_progress: bool = True) -> Sweep:
+def find_lr(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable,
+    normalizer,
+    device: torch.device,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    stop_factor: float = 4.0,
+    amp: bool = False,
+    show_progress: bool = True,
+) -> Sweep:
     """Train `num_it` steps at exponentially growing lrs and return the curve; model, optimizer, gradients,
     train/eval modes, the loader's sampler epoch and every random generator are then as they were before.
 
@@ -214,8 +231,15 @@ def find_lr(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterio
     try:
         model.train()
         schedule = sweep_lrs(start_lr, end_lr, num_it)
-        bar = tqdm(_batches(loader, num_it), total=num_it, desc="lr_find", unit="step", leave=False,
-                   disable=None if show_progress else True, dynamic_ncols=True)
+        bar = tqdm(
+            _batches(loader, num_it),
+            total=num_it,
+            desc="lr_find",
+            unit="step",
+            leave=False,
+            disable=None if show_progress else True,
+            dynamic_ncols=True,
+        )
         for step, (images, targets) in enumerate(bar):
             lr = float(schedule[step])
             for group, factor in zip(optimizer.param_groups, factors):
@@ -256,6 +280,7 @@ def find_lr(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterio
 
 # ---------------------------------------------------------------- outputs
 
+
 def write_csv(path: Path, sweep: Sweep) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -285,8 +310,13 @@ def save_png(path: Path, sweep: Sweep, suggestions: dict, suggested: str) -> Non
     colours = {"valley": "tab:red", "slide": "tab:green", "minimum": "tab:purple", "steep": "tab:orange"}
     for name, lr in suggestions.items():
         if lr is not None:
-            ax.axvline(lr, color=colours[name], linestyle="-" if name == suggested else "--",
-                       linewidth=2 if name == suggested else 1, label=f"{name} {lr:.3g}")
+            ax.axvline(
+                lr,
+                color=colours[name],
+                linestyle="-" if name == suggested else "--",
+                linewidth=2 if name == suggested else 1,
+                label=f"{name} {lr:.3g}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss (smoothed)")
@@ -298,6 +328,7 @@ def save_png(path: Path, sweep: Sweep, suggestions: dict, suggested: str) -> Non
 
 # ---------------------------------------------------------------- the Hydra task
 
+
 def validate_lr_find_config(lcfg) -> None:
     """The lr_find block's values, or a ConfigError naming the key."""
     for key in ("start_lr", "end_lr", "stop_factor"):
@@ -307,11 +338,15 @@ def validate_lr_find_config(lcfg) -> None:
     if lcfg.start_lr >= lcfg.end_lr:
         raise ConfigError(f"lr_find.start_lr={lcfg.start_lr} must be below lr_find.end_lr={lcfg.end_lr}")
     if isinstance(lcfg.num_it, bool) or not isinstance(lcfg.num_it, int) or lcfg.num_it < MIN_STEPS:
-        raise ConfigError(f"lr_find.num_it={lcfg.num_it!r} must be an int >= {MIN_STEPS} (the suggestions read "
-                          "steps num_it//10 to the 5th from last)")
+        raise ConfigError(
+            f"lr_find.num_it={lcfg.num_it!r} must be an int >= {MIN_STEPS} (the suggestions read "
+            "steps num_it//10 to the 5th from last)"
+        )
     if lcfg.stop_factor <= 1:
-        raise ConfigError(f"lr_find.stop_factor={lcfg.stop_factor} must be > 1 (stop when the smoothed loss "
-                          "exceeds this many times its minimum)")
+        raise ConfigError(
+            f"lr_find.stop_factor={lcfg.stop_factor} must be > 1 (stop when the smoothed loss "
+            "exceeds this many times its minimum)"
+        )
     for key, choices in (("suggestion", SUGGESTIONS), ("phase", PHASES)):
         if lcfg[key] not in choices:
             raise ConfigError(f"lr_find.{key}={lcfg[key]!r} is not one of: {', '.join(choices)}")
@@ -327,9 +362,11 @@ def phase_to_sweep(cfg: DictConfig, phase_name: str):
     for phase in all_phases:
         if phase.name == phase_name:
             return phase
-    raise ConfigError(f"lr_find.phase={phase_name}: this staged fine-tune has no such phase "
-                      f"(trainer.epochs={cfg.trainer.epochs}, finetune.freeze_epochs={cfg.finetune.freeze_epochs}); "
-                      "give trainer.epochs more than finetune.freeze_epochs")
+    raise ConfigError(
+        f"lr_find.phase={phase_name}: this staged fine-tune has no such phase "
+        f"(trainer.epochs={cfg.trainer.epochs}, finetune.freeze_epochs={cfg.finetune.freeze_epochs}); "
+        "give trainer.epochs more than finetune.freeze_epochs"
+    )
 
 
 def build_phase_optimizer(cfg: DictConfig, model: nn.Module, phase) -> tuple[torch.optim.Optimizer, float]:
@@ -359,8 +396,10 @@ def main(cfg: DictConfig) -> dict:
     from geektime.train import default_threads, seed_everything
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.launch_rank() != 0:
-        raise ConfigError("lr_find runs in one process: launch it with `python -m geektime.lr_find`, not torchrun "
-                          "(its single curve is the one to read; the lr it suggests is per process batch)")
+        raise ConfigError(
+            "lr_find runs in one process: launch it with `python -m geektime.lr_find`, not torchrun "
+            "(its single curve is the one to read; the lr it suggests is per process batch)"
+        )
     validate_train_config(cfg)
     lcfg = cfg.lr_find
     validate_lr_find_config(lcfg)
@@ -379,35 +418,73 @@ def main(cfg: DictConfig) -> dict:
     optimizer, lr_per_swept = build_phase_optimizer(cfg, model, swept_phase)
     phase = f", {swept_phase.name} phase of the staged fine-tune" if swept_phase.name != "all" else ""
     normalizer = InputNormalizer(cfg.model.normalization, device, channels_last)
-    log.info("lr_find: %s%s on %s, %d train images at %s, batch %d, %d parameter group(s), lr %.1e -> %.1e "
-             "over %d steps", cfg.model.name, phase, device, len(data.train), data.image_size, cfg.data.batch_size,
-             len(optimizer.param_groups), lcfg.start_lr, lcfg.end_lr, lcfg.num_it)
-    sweep = find_lr(model, data.train_loader, optimizer, nn.CrossEntropyLoss(), normalizer, device,
-                    start_lr=float(lcfg.start_lr), end_lr=float(lcfg.end_lr), num_it=int(lcfg.num_it),
-                    stop_factor=float(lcfg.stop_factor), amp=amp)
+    log.info(
+        "lr_find: %s%s on %s, %d train images at %s, batch %d, %d parameter group(s), lr %.1e -> %.1e over %d steps",
+        cfg.model.name,
+        phase,
+        device,
+        len(data.train),
+        data.image_size,
+        cfg.data.batch_size,
+        len(optimizer.param_groups),
+        lcfg.start_lr,
+        lcfg.end_lr,
+        lcfg.num_it,
+    )
+    sweep = find_lr(
+        model,
+        data.train_loader,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        normalizer,
+        device,
+        start_lr=float(lcfg.start_lr),
+        end_lr=float(lcfg.end_lr),
+        num_it=int(lcfg.num_it),
+        stop_factor=float(lcfg.stop_factor),
+        amp=amp,
+    )
     suggestions, steps = suggest(sweep.lrs, sweep.smoothed, sweep.num_it)
     lr = suggestions[lcfg.suggestion]
     value = None if lr is None else float(f"{lr * lr_per_swept:.3g}")
-    result = {"suggestions": suggestions, "suggested": lcfg.suggestion, "steps": steps, "num_it": sweep.num_it,
-              "steps_taken": len(sweep.lrs), "stopped_early": sweep.stopped_early,
-              "override": None if value is None else f"optimizer.lr={value:g}"}
+    result = {
+        "suggestions": suggestions,
+        "suggested": lcfg.suggestion,
+        "steps": steps,
+        "num_it": sweep.num_it,
+        "steps_taken": len(sweep.lrs),
+        "stopped_early": sweep.stopped_early,
+        "override": None if value is None else f"optimizer.lr={value:g}",
+    }
     write_csv(run_dir / "lr_find.csv", sweep)
     (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
     save_png(run_dir / "lr_find.png", sweep, suggestions, lcfg.suggestion)
 
     stopped = f", stopped early at step {len(sweep.lrs)}" if sweep.stopped_early else ""
-    log.info("lr_find: %d steps%s; suggestions: %s", len(sweep.lrs), stopped,
-             ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} -" for k, v in suggestions.items()))
+    log.info(
+        "lr_find: %d steps%s; suggestions: %s",
+        len(sweep.lrs),
+        stopped,
+        ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} -" for k, v in suggestions.items()),
+    )
     if lr is None:
-        raise ConfigError(f"lr_find: the curve ({len(sweep.lrs)} steps) is too short for the {lcfg.suggestion} "
-                          f"rule; raise lr_find.num_it or lr_find.stop_factor, or pick another lr_find.suggestion. "
-                          f"Curve: {run_dir / 'lr_find.csv'}")
-    head = (f" (the {swept_phase.name} phase's head lr: optimizer.lr x finetune.unfrozen_lr_factor = {lr:.3g})"
-            if swept_phase.name == "unfrozen" else "")
-    print(f"suggested lr ({lcfg.suggestion}{phase}): {lr:.3g}\n"
-          f"override: optimizer.lr={value:g}{head}\n"
-          f"  {train_command(hydra_cfg.overrides.task, value)}\n"
-          f"curve: {run_dir / 'lr_find.png'}", flush=True)
+        raise ConfigError(
+            f"lr_find: the curve ({len(sweep.lrs)} steps) is too short for the {lcfg.suggestion} "
+            f"rule; raise lr_find.num_it or lr_find.stop_factor, or pick another lr_find.suggestion. "
+            f"Curve: {run_dir / 'lr_find.csv'}"
+        )
+    head = (
+        f" (the {swept_phase.name} phase's head lr: optimizer.lr x finetune.unfrozen_lr_factor = {lr:.3g})"
+        if swept_phase.name == "unfrozen"
+        else ""
+    )
+    print(
+        f"suggested lr ({lcfg.suggestion}{phase}): {lr:.3g}\n"
+        f"override: optimizer.lr={value:g}{head}\n"
+        f"  {train_command(hydra_cfg.overrides.task, value)}\n"
+        f"curve: {run_dir / 'lr_find.png'}",
+        flush=True,
+    )
     return result
 
 

@@ -1,4 +1,5 @@
 """Facts about this machine that the config resolves against: cores, devices, and how many threads to use."""
+
 from __future__ import annotations
 
 import os
@@ -46,15 +47,19 @@ def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if setting.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={setting}: no CUDA GPU is visible to PyTorch on this machine "
-                              f"(torch {torch.__version__}). Use trainer.device=cpu or trainer.device=auto.")
+            raise ConfigError(
+                f"trainer.device={setting}: no CUDA GPU is visible to PyTorch on this machine "
+                f"(torch {torch.__version__}). Use trainer.device=cpu or trainer.device=auto."
+            )
         index_text = setting.split(":", 1)[1] if ":" in setting else str(local_rank)
         if not index_text.isdigit():
             raise ConfigError(f"trainer.device={setting!r}: give cuda, or cuda:N with N a GPU index")
         index = int(index_text)
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"trainer.device={setting}: only {torch.cuda.device_count()} GPU(s) visible "
-                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+            raise ConfigError(
+                f"trainer.device={setting}: only {torch.cuda.device_count()} GPU(s) visible "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
         return torch.device("cuda", index)
     if setting == "mps":
         if not torch.backends.mps.is_available():

@@ -60,8 +60,14 @@ def scores(confusion: np.ndarray, classes: Sequence[str]) -> dict:
     total = confusion.sum()
     out = {"accuracy": float(hits.sum() / total) if total else float("nan")}
     for i, name in enumerate(classes):
-        out.update({f"{name}_precision": float(precision[i]), f"{name}_recall": float(recall[i]),
-                    f"{name}_f1": float(f1[i]), f"{name}_support": int(actual[i])})
+        out.update(
+            {
+                f"{name}_precision": float(precision[i]),
+                f"{name}_recall": float(recall[i]),
+                f"{name}_f1": float(f1[i]),
+                f"{name}_support": int(actual[i]),
+            }
+        )
     weights = actual / total if total else np.zeros_like(actual)
     for metric, values in (("precision", precision), ("recall", recall), ("f1", f1)):
         out[f"macro_{metric}"] = float(values.mean())
@@ -105,10 +111,18 @@ def classification_report(pred: Predictions) -> dict:
     return {
         "classes": classes,
         "accuracy": flat["accuracy"],
-        "per_class": {name: {m: flat[f"{name}_{m}"] for m in ("precision", "recall", "f1", "support")}
-                      for name in classes},
-        **{average: {"precision": flat[f"{average}_precision"], "recall": flat[f"{average}_recall"],
-                     "f1": flat[f"{average}_f1"], "support": support} for average in ("macro", "weighted")},
+        "per_class": {
+            name: {m: flat[f"{name}_{m}"] for m in ("precision", "recall", "f1", "support")} for name in classes
+        },
+        **{
+            average: {
+                "precision": flat[f"{average}_precision"],
+                "recall": flat[f"{average}_recall"],
+                "f1": flat[f"{average}_f1"],
+                "support": support,
+            }
+            for average in ("macro", "weighted")
+        },
         "confusion_matrix": confusion.tolist(),
         "num_images": len(pred.paths),
         "num_unlabeled": int((~mask).sum()),

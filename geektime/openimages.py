@@ -20,6 +20,7 @@ Without --crop each image lands in DEST/<class>/<ImageID>.jpg. With --crop the i
 and each box of a chosen class becomes DEST/<class>/<ImageID>_<n>.jpg (n counts that class's boxes in the
 image); boxes smaller than --min-crop pixels on a side are passed over.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,12 +84,19 @@ def find_meta(meta: Path) -> tuple[list[Path], list[Path], list[Path]]:
             images.append(path)
         elif len(columns) == 2 and "class-descriptions" in path.name:
             descriptions.append(path)
-    missing = [what for what, found in (("class descriptions (class-descriptions-boxable.csv)", descriptions),
-                                        ("boxes (*-annotations-bbox.csv)", boxes),
-                                        ("images with URLs (*-images-with-rotation.csv)", images)) if not found]
+    missing = [
+        what
+        for what, found in (
+            ("class descriptions (class-descriptions-boxable.csv)", descriptions),
+            ("boxes (*-annotations-bbox.csv)", boxes),
+            ("images with URLs (*-images-with-rotation.csv)", images),
+        )
+        if not found
+    ]
     if missing:
-        raise OpenImagesError(f"{meta}: no CSV file of {' or '.join(missing)}; download them from the Open Images "
-                              "site into this folder")
+        raise OpenImagesError(
+            f"{meta}: no CSV file of {' or '.join(missing)}; download them from the Open Images site into this folder"
+        )
     return descriptions, boxes, images
 
 
@@ -115,17 +123,22 @@ def label_names(descriptions: list[Path], wanted: list[str]) -> dict[str, str]:
 
 def _rows(path: Path, desc: str, progress: bool = True) -> Iterator[dict[str, str]]:
     """The rows of a big CSV as dicts, one at a time, with a progress bar in bytes."""
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True,
-                                      leave=False, disable=not progress) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, leave=False, disable=not progress) as bar,
+    ):
+
         def lines() -> Iterator[str]:
             for n, raw in enumerate(f):
                 bar.update(len(raw))
                 yield raw.decode("utf-8-sig" if n == 0 else "utf-8")
+
         yield from csv.DictReader(lines())
 
 
-def choose_images(box_files: list[Path], mids: dict[str, str], max_per_class: int | None,
-                  progress: bool = True) -> dict[str, Chosen]:
+def choose_images(
+    box_files: list[Path], mids: dict[str, str], max_per_class: int | None, progress: bool = True
+) -> dict[str, Chosen]:
     """{ImageID: Chosen} with boxes of the wanted classes, at most `max_per_class` images per class, in file order."""
     chosen: dict[str, Chosen] = {}
     counts = dict.fromkeys(mids.values(), 0)
@@ -151,8 +164,9 @@ def choose_images(box_files: list[Path], mids: dict[str, str], max_per_class: in
     return chosen
 
 
-def add_urls(image_files: list[Path], chosen: dict[str, Chosen], base_url: str | None,
-             progress: bool = True) -> list[str]:
+def add_urls(
+    image_files: list[Path], chosen: dict[str, Chosen], base_url: str | None, progress: bool = True
+) -> list[str]:
     """Fill in URL, MD5 and rotation of the chosen images; returns the ImageIDs no file lists."""
     todo = set(chosen)
     for path in image_files:
@@ -227,16 +241,25 @@ def folder_name(display_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geektime.openimages", description=(
-        "Download the images (or, with --crop, the boxes) of some Open Images classes, reading the published "
-        "CSV files in --meta as streams."))
+    parser = argparse.ArgumentParser(
+        prog="python -m geektime.openimages",
+        description=(
+            "Download the images (or, with --crop, the boxes) of some Open Images classes, reading the published "
+            "CSV files in --meta as streams."
+        ),
+    )
     parser.add_argument("--classes", required=True, help='display names, comma-separated, e.g. "Cat,Dog"')
     parser.add_argument("--meta", type=Path, required=True, help="folder of Open Images CSV files")
     parser.add_argument("--dest", type=Path, required=True, help="output folder: DEST/<class>/...")
     parser.add_argument("--max-per-class", type=int, metavar="N", help="at most N images per class")
     parser.add_argument("--crop", action="store_true", help="write each box as an image instead of whole images")
-    parser.add_argument("--min-crop", type=int, default=16, metavar="PX",
-                        help="with --crop, pass over boxes with a side under PX pixels (default 16)")
+    parser.add_argument(
+        "--min-crop",
+        type=int,
+        default=16,
+        metavar="PX",
+        help="with --crop, pass over boxes with a side under PX pixels (default 16)",
+    )
     parser.add_argument("--base-url", metavar="URL", help="fetch <URL>/<Subset>/<ImageID>.jpg, not OriginalURL")
     add_network_options(parser)
     args = parser.parse_args(argv)
@@ -259,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read the CSV files in {args.meta}: {err!r}", file=sys.stderr)
         return 2
     if unlisted:
-        print(f"warning: {len(unlisted)} chosen image(s) are in no images CSV, passed over: {', '.join(unlisted[:5])}",
-              file=sys.stderr)
+        print(
+            f"warning: {len(unlisted)} chosen image(s) are in no images CSV, passed over: {', '.join(unlisted[:5])}",
+            file=sys.stderr,
+        )
     jobs = []
     for image_id, image in chosen.items():
         if image_id in unlisted:
@@ -268,10 +293,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.crop:
             jobs.append(Job(image.url, args.dest / IMAGES_DIR, args.dest / FAILED_DIR, image_id, IMAGES_DIR, image.md5))
         else:
-            jobs += [Job(image.url, args.dest / folder_name(name), args.dest / FAILED_DIR / folder_name(name),
-                         image_id, folder_name(name), image.md5) for name in image.boxes]
-    print(f"{len(chosen) - len(unlisted)} images: " + ", ".join(
-        f"{name} {sum(name in c.boxes for c in chosen.values())}" for name in mids.values()))
+            jobs += [
+                Job(
+                    image.url,
+                    args.dest / folder_name(name),
+                    args.dest / FAILED_DIR / folder_name(name),
+                    image_id,
+                    folder_name(name),
+                    image.md5,
+                )
+                for name in image.boxes
+            ]
+    print(
+        f"{len(chosen) - len(unlisted)} images: "
+        + ", ".join(f"{name} {sum(name in c.boxes for c in chosen.values())}" for name in mids.values())
+    )
 
     def rotate(result: Result) -> None:  # as each download lands, so a rerun never turns a file twice
         if result.status == "ok":
@@ -288,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         written = small = 0
         for job in tqdm(done, desc="cropping", unit="img", disable=args.quiet):
             file = next(p for p in job.folder.glob(f"{job.name}.*") if p.stem == job.name)
-            boxes = {folder_name(name): [rotate_box(b, chosen[job.name].rotation) for b in class_boxes]
-                     for name, class_boxes in chosen[job.name].boxes.items()}
+            boxes = {
+                folder_name(name): [rotate_box(b, chosen[job.name].rotation) for b in class_boxes]
+                for name, class_boxes in chosen[job.name].boxes.items()
+            }
             w, s = write_crops(file, job.name, boxes, args.dest, max(1, args.min_crop))
             written, small = written + w, small + s
         print(f"crops written: {written}" + (f", passed over {small} under {args.min_crop} px" if small else ""))

@@ -4,6 +4,7 @@ and for folders the course's prediction txt (all-zero truth block), readable by 
 Images go through exactly the deterministic view evaluation uses (load_rgb at decode_size, then
 build_transform with the model's transform), so the probabilities equal `evaluate.py data.test_dir=`'s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,18 +46,26 @@ def collect(inputs: list[str]) -> tuple[list[str], list[Path]]:
     return paths, folders
 
 
-def predict_files(engine: Engine, paths: list[str], batch_size: int = 32,
-                  progress: bool = True) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+def predict_files(
+    engine: Engine, paths: list[str], batch_size: int = 32, progress: bool = True
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """(probabilities, the paths they belong to, unreadable files with their reasons)."""
-    images, bad = decode_all(paths, engine.transform, engine.min_size, engine.image_size,
-                             workers=cpu_count(), desc="decoding", progress=progress)
+    images, bad = decode_all(
+        paths,
+        engine.transform,
+        engine.min_size,
+        engine.image_size,
+        workers=cpu_count(),
+        desc="decoding",
+        progress=progress,
+    )
     if bad:
         unusable = {p for p, _ in bad}
         keep = np.array([p not in unusable for p in paths])
         images, paths = images[keep], [p for p, k in zip(paths, keep) if k]
     batches = range(0, len(paths), batch_size)
     bar = tqdm(batches, desc="predicting", unit="batch", leave=False, disable=not progress or len(batches) < 2)
-    out = [engine.predict(images[i:i + batch_size].numpy()) for i in bar]
+    out = [engine.predict(images[i : i + batch_size].numpy()) for i in bar]
     probs = np.concatenate(out) if out else np.zeros((0, len(engine.classes)), dtype=np.float32)
     return probs, paths, bad
 
@@ -67,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", metavar="image|dir", help="image files and/or folders of images")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    parser.add_argument("--out", help="prediction txt to write (default for folders: <model folder>/predict/"
-                                      "<folder name>.txt; a txt is always written when given)")
+    parser.add_argument(
+        "--out",
+        help="prediction txt to write (default for folders: <model folder>/predict/"
+        "<folder name>.txt; a txt is always written when given)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     args = parser.parse_args(argv)
@@ -89,23 +101,51 @@ def main(argv: list[str] | None = None) -> int:
 
     k = min(args.top_k, len(engine.classes))
     if args.json:
-        print(json.dumps({"model": str(engine.path), "backend": engine.backend, "classes": engine.classes,
-                          "images": [{"path": path, "result": engine.classes[int(p.argmax())],
-                                      "top_k": engine.top_k(p, k),
-                                      "probabilities": dict(zip(engine.classes, map(float, p)))}
-                                     for path, p in zip(paths, probs)],
-                          "skipped": [{"path": path, "reason": reason} for path, reason in bad]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(engine.path),
+                    "backend": engine.backend,
+                    "classes": engine.classes,
+                    "images": [
+                        {
+                            "path": path,
+                            "result": engine.classes[int(p.argmax())],
+                            "top_k": engine.top_k(p, k),
+                            "probabilities": dict(zip(engine.classes, map(float, p))),
+                        }
+                        for path, p in zip(paths, probs)
+                    ],
+                    "skipped": [{"path": path, "reason": reason} for path, reason in bad],
+                },
+                indent=2,
+            )
+        )
     else:
         for path, p in zip(paths, probs):
             print(f"{path}: " + ", ".join(f"{name} {prob:.5f}" for name, prob in engine.top_k(p, k)))
 
-    txt = Path(args.out) if args.out else (
-        engine.path.parent / "predict" / f"{folders[0].resolve().name or 'root'}.txt" if folders else None)
+    txt = (
+        Path(args.out)
+        if args.out
+        else (engine.path.parent / "predict" / f"{folders[0].resolve().name or 'root'}.txt" if folders else None)
+    )
     if txt is not None:
-        write_predictions(txt, engine.classes, probs, np.full(len(paths), -1), paths, header={
-            "model": str(engine.path), "backend": engine.backend, "data": " ".join(map(str, folders or args.inputs)),
-            "image_size": f"{engine.image_size[0]}x{engine.image_size[1]}",
-            "transform": engine.info["transforms"]["name"], "date": datetime.now().isoformat(timespec="seconds")})
+        write_predictions(
+            txt,
+            engine.classes,
+            probs,
+            np.full(len(paths), -1),
+            paths,
+            header={
+                "model": str(engine.path),
+                "backend": engine.backend,
+                "data": " ".join(map(str, folders or args.inputs)),
+                "image_size": f"{engine.image_size[0]}x{engine.image_size[1]}",
+                "transform": engine.info["transforms"]["name"],
+                "date": datetime.now().isoformat(timespec="seconds"),
+            },
+        )
         print(f"-> {txt}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -172,8 +172,9 @@ def write_predictions(
             os.fsencode(text)
         except UnicodeEncodeError:
             raise ValueError(f"{printable(text)!r} holds a lone surrogate, which no file name can hold") from None
-    escaped = (any(_needs_escaping(c, spaces=True) for c in classes)
-               or any(_needs_escaping(p, spaces=False) for p in [*paths, *header.values()]))
+    escaped = any(_needs_escaping(c, spaces=True) for c in classes) or any(
+        _needs_escaping(p, spaces=False) for p in [*paths, *header.values()]
+    )
 
     def out(text: str, spaces: bool = False) -> str:
         return _escape(text, spaces) if escaped else text
@@ -189,8 +190,9 @@ def write_predictions(
         written = [f"{x:.5f}" for x in p]
         total = sum(float(x) for x in written)
         if abs(total - 1) > tolerance:
-            raise ValueError(f"probs row {row} ({printable(image_path)}) sums to {total:.5f}, not 1 "
-                             "(apply softmax to logits first)")
+            raise ValueError(
+                f"probs row {row} ({printable(image_path)}) sums to {total:.5f}, not 1 (apply softmax to logits first)"
+            )
         truth = eye[t] if t >= 0 else no_label
         fields = written + [str(x) for x in truth] + [str(x) for x in eye[k]]
         lines.append(" ".join(fields) + " " + out(image_path))
@@ -232,7 +234,8 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
     except UnicodeDecodeError as err:
         lineno = data[: err.start].count(b"\n") + 1
         raise PredictionFormatError(
-            f"{path}:{lineno}: not UTF-8 text (byte 0x{data[err.start]:02X}); save the file as UTF-8") from None
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{data[err.start]:02X}); save the file as UTF-8"
+        ) from None
     # Split on "\n" only: str.splitlines() would also break paths at characters like U+2028.
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -262,8 +265,7 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
         fields = line.split(maxsplit=3 * c)
         if len(fields) != 3 * c + 1:
             raise PredictionFormatError(
-                f"{where}: expected {c} probabilities, two one-hot blocks of {c} and a path, "
-                f"got {len(fields)} fields"
+                f"{where}: expected {c} probabilities, two one-hot blocks of {c} and a path, got {len(fields)} fields"
             )
         try:
             p = [float(x) for x in fields[:c]]
@@ -295,7 +297,8 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
         if image_path in first_line:
             raise PredictionFormatError(
                 f"{path}:{lineno}: image {printable(image_path)!r} appears twice, on lines {first_line[image_path]} "
-                f"and {lineno}; keep one of them")
+                f"and {lineno}; keep one of them"
+            )
         first_line[image_path] = lineno
     return Predictions(
         classes=classes,

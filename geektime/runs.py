@@ -6,6 +6,7 @@
   `trainer.overwrite=true`, which moves the old run aside into `replaced_<time>/` (nothing is deleted).
 * A run that fails before it wrote anything leaves no folder behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,16 +83,21 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("geektime.run_dir", _run_dir, use_cache=True)
     if not OmegaConf.has_resolver("geektime.sweep_dir"):
         OmegaConf.register_new_resolver(
-            "geektime.sweep_dir", lambda name: claim_fresh_dir(name, "sweep") if launch_rank() == 0 else name,
-            use_cache=True)
+            "geektime.sweep_dir",
+            lambda name: claim_fresh_dir(name, "sweep") if launch_rank() == 0 else name,
+            use_cache=True,
+        )
     if not OmegaConf.has_resolver("geektime.hydra_subdir"):
         OmegaConf.register_new_resolver("geektime.hydra_subdir", _hydra_subdir)
     if not OmegaConf.has_resolver("geektime.direction"):  # an Optuna sweep's direction from sweep_metric
-        OmegaConf.register_new_resolver("geektime.direction",
-                                        lambda metric: "minimize" if str(metric).endswith("loss") else "maximize")
+        OmegaConf.register_new_resolver(
+            "geektime.direction", lambda metric: "minimize" if str(metric).endswith("loss") else "maximize"
+        )
     if not OmegaConf.has_resolver("geektime.rank0"):
         # ${geektime.rank0:a,b}: a in a single process and on rank 0 of torchrun's processes, b on the others
-        OmegaConf.register_new_resolver("geektime.rank0", lambda main, other=None: main if launch_rank() == 0 else other)
+        OmegaConf.register_new_resolver(
+            "geektime.rank0", lambda main, other=None: main if launch_rank() == 0 else other
+        )
 
 
 def holds_run(folder: Path) -> bool:
@@ -107,7 +113,8 @@ def prepare(folder: Path, resuming: bool, overwrite: bool) -> None:
         raise RunFolderError(
             f"{folder} already holds a run (checkpoints, metrics.csv or result.json). To continue it: "
             f"`python train.py trainer.resume={folder}`. To start over there, moving the old run into "
-            f"{folder}/replaced_<time>/: add trainer.overwrite=true. Or leave hydra.run.dir unset for a new folder.")
+            f"{folder}/replaced_<time>/: add trainer.overwrite=true. Or leave hydra.run.dir unset for a new folder."
+        )
     aside = folder / f"replaced_{datetime.now():%Y-%m-%d_%H-%M-%S}"
     aside.mkdir()
     for entry in folder.iterdir():

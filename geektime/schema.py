@@ -5,11 +5,12 @@ so Hydra itself refuses a wrong type or an unknown choice with the key named (`t
 `data.on_bad_image=maybe`) before any work. Ranges ride along as field metadata (`min`, `max`) and
 `check_ranges` walks them; only rules that tie several keys together are written by hand (config.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, List, Optional, get_type_hints
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -82,7 +83,7 @@ class ModelConfig:
     name: str = "efficientnet_b0"
     family: Family = Family.efficientnet
     arch: str = "efficientnet-b0"
-    image_size: List[int] = field(default_factory=lambda: [224, 224])
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
     normalization: Normalization = Normalization.imagenet
     pretrained: Any = False  # false | true (find the published weights) | path/to/weights.pth
     dropout_rate: Optional[float] = _range(None, 0.0, 1.0)
@@ -117,14 +118,14 @@ class AugmentConfig:
     enabled: bool = False
     hflip: bool = True
     random_resized_crop: bool = True
-    scale: List[float] = field(default_factory=lambda: [0.35, 1.0])
-    ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333])
+    scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
 
 
 @dataclass
 class TransformsConfig:
     name: Transform = Transform.resize
-    fill: List[int] = field(default_factory=lambda: [124, 116, 104])
+    fill: list[int] = field(default_factory=lambda: [124, 116, 104])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -135,7 +136,7 @@ class OptimizerConfig:
     momentum: float = _range(0.9, 0.0, 1.0)
     weight_decay: float = _range(1e-4, 0.0)
     nesterov: bool = False
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = _range(1e-5, 0.0, exclusive_low=True)
 
 
@@ -150,7 +151,7 @@ class SchedulerConfig:
     pct_start: float = _range(0.25, 0.0, 1.0)
     div: float = _range(25.0, 0.0, exclusive_low=True)
     div_final: float = _range(1e5, 0.0, exclusive_low=True)
-    moms: List[float] = field(default_factory=lambda: [0.95, 0.85, 0.95])
+    moms: list[float] = field(default_factory=lambda: [0.95, 0.85, 0.95])
 
 
 @dataclass

@@ -14,6 +14,7 @@ Decisions:
   TLS server name keep the original host), so a DNS answer cannot change between the check and the connection.
   Redirects are followed by hand, each hop checked the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,9 @@ class Batcher:
             if not batch:
                 continue
             try:
-                probs = await loop.run_in_executor(self._thread, self.engine.predict,
-                                                   np.stack([image for image, _ in batch]))
+                probs = await loop.run_in_executor(
+                    self._thread, self.engine.predict, np.stack([image for image, _ in batch])
+                )
             except Exception as err:  # noqa: BLE001 - a failed batch fails its requests (uvicorn logs it), not the server
                 for _, future in batch:
                     if not future.done():
@@ -155,16 +157,22 @@ async def _limited(stream, limit: int):
     async for chunk in stream:
         total += len(chunk)
         if total > limit:
-            raise ApiError(413, f"upload larger than the server's limit of {limit - MULTIPART_OVERHEAD} bytes "
-                                "(--max-bytes); shrink the image")
+            raise ApiError(
+                413,
+                f"upload larger than the server's limit of {limit - MULTIPART_OVERHEAD} bytes "
+                "(--max-bytes); shrink the image",
+            )
         yield chunk
 
 
 def _check_length(headers: Headers, limit: int) -> None:
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"upload of {int(length)} bytes is larger than the server's limit of "
-                            f"{limit - MULTIPART_OVERHEAD} bytes (--max-bytes); shrink the image")
+        raise ApiError(
+            413,
+            f"upload of {int(length)} bytes is larger than the server's limit of "
+            f"{limit - MULTIPART_OVERHEAD} bytes (--max-bytes); shrink the image",
+        )
 
 
 def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -219,14 +227,18 @@ async def _fetch_once(client, url: str, settings: Settings) -> tuple[str, bytes 
         for address in addresses:
             why = _refusal(address)
             if why is not None:
-                raise ApiError(403, f"refused: {parts.hostname} resolves to {address}, {why} "
-                                    "(start the server with --allow-private-urls to allow it)")
+                raise ApiError(
+                    403,
+                    f"refused: {parts.hostname} resolves to {address}, {why} "
+                    "(start the server with --allow-private-urls to allow it)",
+                )
     address = addresses[0]
     host = f"[{address}]" if address.version == 6 else str(address)
     pinned = parts._replace(netloc=f"{host}:{port}").geturl()
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
-    request = client.build_request("GET", pinned, headers={"Host": parts.netloc.rpartition("@")[2]},
-                                   extensions=extensions)
+    request = client.build_request(
+        "GET", pinned, headers={"Host": parts.netloc.rpartition("@")[2]}, extensions=extensions
+    )
     response = await client.send(request, stream=True)
     try:
         if response.is_redirect:
@@ -255,18 +267,30 @@ def create_app(engine: Engine, settings: Settings | None = None) -> Starlette:
     async def classify(data) -> JSONResponse:
         view, received = await asyncio.to_thread(_decode, engine, data)  # received: the image's bytes
         probs = await batcher.predict(view)
-        return JSONResponse({"result": engine.classes[int(np.argmax(probs))],
-                             "probabilities": {name: float(p) for name, p in zip(engine.classes, probs)},
-                             "received_bytes": received})
+        return JSONResponse(
+            {
+                "result": engine.classes[int(np.argmax(probs))],
+                "probabilities": {name: float(p) for name, p in zip(engine.classes, probs)},
+                "received_bytes": received,
+            }
+        )
 
     async def index(request: Request) -> HTMLResponse:
         return HTMLResponse(page)
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": engine.path.name, "backend": engine.backend,
-                             "classes": engine.classes, "image_size": list(engine.image_size),
-                             "max_bytes": settings.max_bytes, "allow_url": settings.allow_url,
-                             "served": {"images": batcher.images, "batches": batcher.batches}})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": engine.path.name,
+                "backend": engine.backend,
+                "classes": engine.classes,
+                "image_size": list(engine.image_size),
+                "max_bytes": settings.max_bytes,
+                "allow_url": settings.allow_url,
+                "served": {"images": batcher.images, "batches": batcher.batches},
+            }
+        )
 
     async def classify_image(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
@@ -282,8 +306,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> Starlette:
         try:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
-                raise ApiError(422, "missing the file field 'image' (multipart/form-data, <input type=file "
-                                    "name=image>)")
+                raise ApiError(
+                    422, "missing the file field 'image' (multipart/form-data, <input type=file name=image>)"
+                )
             if upload.size is not None and upload.size > settings.max_bytes:
                 raise ApiError(413, f"image of {upload.size} bytes is over the limit of {settings.max_bytes} bytes")
             return await classify(upload)
@@ -304,9 +329,13 @@ def create_app(engine: Engine, settings: Settings | None = None) -> Starlette:
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server's log"}, status_code=500)
 
-    routes = [Route("/", index), Route("/healthz", healthz),
-              Route("/api/1.0/classify-image", classify_image, methods=["POST"]),
-              Route("/classify-url", classify_url)]
+    routes = [
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/api/1.0/classify-image", classify_image, methods=["POST"]),
+        Route("/classify-url", classify_url),
+    ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -320,16 +349,23 @@ def create_app(engine: Engine, settings: Settings | None = None) -> Starlette:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m geektime.serve", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="model.onnx or model.pt (with its model.json), or a checkpoint .pth")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
-                                                             "machine only; 0.0.0.0 for every interface)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-bytes", default="10MB", help="largest accepted image (default 10MB)")
     parser.add_argument("--allow-url", action="store_true", help="enable GET /classify-url?url=")
-    parser.add_argument("--allow-private-urls", action="store_true",
-                        help="let --allow-url fetch loopback, private and link-local addresses too")
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let --allow-url fetch loopback, private and link-local addresses too",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="largest inference batch (default 16)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long a batch waits for more requests (default 5 ms)")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5 ms)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     args = parser.parse_args(argv)
     try:
@@ -345,11 +381,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    app = create_app(engine, Settings(max_bytes=max_bytes, allow_url=args.allow_url,
-                                      allow_private_urls=args.allow_private_urls, batch_size=args.batch_size,
-                                      max_wait_ms=args.max_wait_ms))
-    print(f"serving {engine.path} ({engine.backend}, classes {', '.join(engine.classes)}) on "
-          f"http://{args.host}:{args.port}/", flush=True)
+    app = create_app(
+        engine,
+        Settings(
+            max_bytes=max_bytes,
+            allow_url=args.allow_url,
+            allow_private_urls=args.allow_private_urls,
+            batch_size=args.batch_size,
+            max_wait_ms=args.max_wait_ms,
+        ),
+    )
+    print(
+        f"serving {engine.path} ({engine.backend}, classes {', '.join(engine.classes)}) on "
+        f"http://{args.host}:{args.port}/",
+        flush=True,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("GEEKTIME_LOG_LEVEL", "info"))
     except OSError as err:

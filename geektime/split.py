@@ -14,6 +14,7 @@ assign_splits is the rule, kept pure so that training can split one folder the s
 * deterministic: the same files, percentages and seed give the same split, whatever the listing order; a
   class is shuffled by a generator seeded with (seed, class name), so adding a class moves no other class.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,13 @@ SPLITS = ("train", "val", "test")
 P = TypeVar("P", bound=Hashable)
 
 
-def assign_splits(paths_by_class: Mapping[str, Sequence[P]], valid_pct: float, test_pct: float = 0.0,
-                  seed: int = 0, groups: Iterable[Iterable[P]] | None = None) -> dict[P, str]:
+def assign_splits(
+    paths_by_class: Mapping[str, Sequence[P]],
+    valid_pct: float,
+    test_pct: float = 0.0,
+    seed: int = 0,
+    groups: Iterable[Iterable[P]] | None = None,
+) -> dict[P, str]:
     """{path: "train" | "val" | "test"} by the rules in the module docstring.
 
     `groups`: collections of paths that must share a split (paths not in `paths_by_class` are ignored; a path in
@@ -46,8 +52,9 @@ def assign_splits(paths_by_class: Mapping[str, Sequence[P]], valid_pct: float, t
         if not 0 <= pct < 1:
             raise ValueError(f"{name} must be at least 0 and below 1, got {pct}")
     if valid_pct + test_pct >= 1:
-        raise ValueError(f"valid_pct + test_pct must be below 1 (something must be left to train on), "
-                         f"got {valid_pct} + {test_pct}")
+        raise ValueError(
+            f"valid_pct + test_pct must be below 1 (something must be left to train on), got {valid_pct} + {test_pct}"
+        )
     label = {p: c for c, paths in paths_by_class.items() for p in paths}
     units: list[list[P]] = []
     grouped: set[P] = set()
@@ -100,16 +107,25 @@ def place(source: Path, target: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geektime.split", description=(
-        "Split SRC/<class>/ images into OUT/train, OUT/val (and OUT/test), stratified by class, keeping near "
-        "duplicates on one side; hard links where possible; OUT/split.csv records where each file went."))
+    parser = argparse.ArgumentParser(
+        prog="python -m geektime.split",
+        description=(
+            "Split SRC/<class>/ images into OUT/train, OUT/val (and OUT/test), stratified by class, keeping near "
+            "duplicates on one side; hard links where possible; OUT/split.csv records where each file went."
+        ),
+    )
     parser.add_argument("src", type=Path, help="folder of <class>/<image> folders")
     parser.add_argument("out", type=Path, help="new (or empty) folder for train/, val/, test/ and split.csv")
     parser.add_argument("--valid-pct", type=float, default=0.2, help="share of each class for val (default 0.2)")
     parser.add_argument("--test-pct", type=float, default=0.0, help="share of each class for test (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same split (default 0)")
-    parser.add_argument("--phash-distance", type=int, default=None, metavar="BITS",
-                        help="near-duplicate threshold for grouping (default: geektime.dedup's)")
+    parser.add_argument(
+        "--phash-distance",
+        type=int,
+        default=None,
+        metavar="BITS",
+        help="near-duplicate threshold for grouping (default: geektime.dedup's)",
+    )
     parser.add_argument("--no-groups", action="store_true", help="do not look for near duplicates")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -124,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     paths_by_class = {name: list_images(src / name) for name in classes}
     empty = [name for name, paths in paths_by_class.items() if not paths]
     if not classes or len(empty) == len(classes):
-        print(f"error: {args.src}: no class folders with images; expected {args.src}/<class>/<image files>",
-              file=sys.stderr)
+        print(
+            f"error: {args.src}: no class folders with images; expected {args.src}/<class>/<image files>",
+            file=sys.stderr,
+        )
         return 2
     if empty:
         print(f"warning: no images in {', '.join(empty)}; left out", file=sys.stderr)
@@ -133,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     groups: list[list[Path]] = []
     if not args.no_groups:
         from geektime.dedup import DEFAULT_PHASH_DISTANCE, duplicate_groups
+
         distance = DEFAULT_PHASH_DISTANCE if args.phash_distance is None else args.phash_distance
-        groups = duplicate_groups([p for paths in paths_by_class.values() for p in paths], distance,
-                                  progress=not args.quiet)
+        groups = duplicate_groups(
+            [p for paths in paths_by_class.values() for p in paths], distance, progress=not args.quiet
+        )
     try:
         splits = assign_splits(paths_by_class, args.valid_pct, args.test_pct, args.seed, groups)
     except ValueError as err:
@@ -156,15 +176,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 copied += 1
             counts[(name, split)] += 1
-            writer.writerow([path.relative_to(src).as_posix(), name, split, target.relative_to(out).as_posix(),
-                             group_of.get(path, "")])
+            writer.writerow(
+                [
+                    path.relative_to(src).as_posix(),
+                    name,
+                    split,
+                    target.relative_to(out).as_posix(),
+                    group_of.get(path, ""),
+                ]
+            )
     used = [s for s in SPLITS if any(counts[(c, s)] for c in paths_by_class)]
     width = max(len("class"), *map(len, paths_by_class))
     print(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in used))
     for name in paths_by_class:
         print(f"{name:<{width}}  " + "  ".join(f"{counts[(name, s)]:>6}" for s in used))
-    print(f"{len(groups)} near-duplicate group(s) kept together; {linked} hard-linked, {copied} copied\n"
-          f"-> {args.out / 'split.csv'}")
+    print(
+        f"{len(groups)} near-duplicate group(s) kept together; {linked} hard-linked, {copied} copied\n"
+        f"-> {args.out / 'split.csv'}"
+    )
     return 0
 
 

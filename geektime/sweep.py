@@ -5,6 +5,7 @@ summary.json (both, for programs) in the sweep folder: at the end of a sweep by 
 callback, and at any time by `python -m geektime.sweep <sweep folder>` (a killed or still running sweep too).
 A sweep with failed jobs makes `python train.py -m` exit 1 once every job has run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ EXIT_FAILED_JOBS = 1
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job folders of a sweep: the sub-folders Hydra gave a .hydra/ (or that hold a result.json)."""
-    return [p for p in sorted(sweep_dir.iterdir())
-            if p.is_dir() and ((p / ".hydra").is_dir() or (p / "result.json").is_file())]
+    return [
+        p
+        for p in sorted(sweep_dir.iterdir())
+        if p.is_dir() and ((p / ".hydra").is_dir() or (p / "result.json").is_file())
+    ]
 
 
 def parse_overrides(lines: list[str]) -> dict[str, str]:
@@ -140,22 +144,49 @@ def summarize(sweep_dir: Path) -> dict:
     for job_dir, job, result in zip(dirs, overrides, results):
         result = result or {"status": UNFINISHED}
         best = result.get("best") or {}
-        rows.append({"rank": None, "job": _job_number(job_dir), "status": result.get("status", "?"),
-                     **{k: job.get(k) for k in varying}, "best_epoch": result.get("best_epoch"),
-                     "epochs": result.get("epochs"), **{m: best.get(m) for m in metrics}, "run_dir": str(job_dir),
-                     "error": (result.get("error") or "").split("\n")[0]})
+        rows.append(
+            {
+                "rank": None,
+                "job": _job_number(job_dir),
+                "status": result.get("status", "?"),
+                **{k: job.get(k) for k in varying},
+                "best_epoch": result.get("best_epoch"),
+                "epochs": result.get("epochs"),
+                **{m: best.get(m) for m in metrics},
+                "run_dir": str(job_dir),
+                "error": (result.get("error") or "").split("\n")[0],
+            }
+        )
     rows.sort(key=_order(metric))
     for rank, row in enumerate((r for r in rows if r["status"] == "ok" and r[metric] is not None), 1):
         row["rank"] = rank
-    return {"sweep_dir": str(sweep_dir), "sweep_metric": metric, "better": "lower" if metric.endswith("loss") else "higher",
-            "jobs": len(rows), "expected_jobs": expected_jobs(sweep_dir, dirs),
-            "failed": sum(r["status"] not in ("ok", UNFINISHED) for r in rows),
-            "unfinished": [r["job"] for r in rows if r["status"] == UNFINISHED],
-            "constant": constant, "varying": varying, "metrics": metrics, "rows": rows}
+    return {
+        "sweep_dir": str(sweep_dir),
+        "sweep_metric": metric,
+        "better": "lower" if metric.endswith("loss") else "higher",
+        "jobs": len(rows),
+        "expected_jobs": expected_jobs(sweep_dir, dirs),
+        "failed": sum(r["status"] not in ("ok", UNFINISHED) for r in rows),
+        "unfinished": [r["job"] for r in rows if r["status"] == UNFINISHED],
+        "constant": constant,
+        "varying": varying,
+        "metrics": metrics,
+        "rows": rows,
+    }
 
 
 def columns(summary: dict) -> list[str]:
-    return ["rank", "job", *summary["varying"], "status", "best_epoch", "epochs", *summary["metrics"], "run_dir", "error"]
+    return [
+        "rank",
+        "job",
+        *summary["varying"],
+        "status",
+        "best_epoch",
+        "epochs",
+        *summary["metrics"],
+        "run_dir",
+        "error",
+    ]
 
 
 def headline(summary: dict) -> str:
@@ -188,8 +219,14 @@ def markdown(summary: dict) -> str:
     shown = [c for c in columns(summary) if c != "run_dir"]
     short = [{**row, **{k: _short(row[k]) for k in summary["varying"]}} for row in summary["rows"]]
     constant = " ".join(override_text(k, v) for k, v in summary["constant"].items())
-    lines = [f"**{headline(summary)}**", "", f"constant: `{constant}`" if constant else "constant: (none)", "",
-             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines = [
+        f"**{headline(summary)}**",
+        "",
+        f"constant: `{constant}`" if constant else "constant: (none)",
+        "",
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+    ]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in short]
     return "\n".join(lines) + "\n"
 
@@ -209,8 +246,10 @@ def write_summary(sweep_dir: Path) -> dict:
 def report_problems(summary: dict) -> None:
     for row in summary["rows"]:
         if row["status"] == UNFINISHED:
-            print(f"job {row['job']} has not finished (running, or killed before writing result.json): "
-                  f"{row['run_dir']}", file=sys.stderr)
+            print(
+                f"job {row['job']} has not finished (running, or killed before writing result.json): {row['run_dir']}",
+                file=sys.stderr,
+            )
         elif row["status"] != "ok":
             print(f"job {row['job']} failed: {row['error']} (see {row['run_dir']}/train.log)", file=sys.stderr)
 
@@ -233,8 +272,11 @@ class SweepSummary(Callback):
         if bad:
             # Hydra's callbacks swallow exceptions but not SystemExit: the launching process ends here, with
             # every job run and summarized, and its exit code tells a script or CI that the sweep is not clean.
-            print(f"error: {bad} of {summary['jobs']} sweep jobs failed or did not finish (see above); "
-                  f"the others are ranked in {sweep_dir / 'summary.md'}", file=sys.stderr)
+            print(
+                f"error: {bad} of {summary['jobs']} sweep jobs failed or did not finish (see above); "
+                f"the others are ranked in {sweep_dir / 'summary.md'}",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_FAILED_JOBS)
 
 
@@ -242,16 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m geektime.sweep",
         description="Rebuild a sweep's summary.csv / summary.md / summary.json (also of a killed or running "
-                    "sweep) and print it. Exit code: 0, or 1 when a job failed, 2 on a usage error.")
+        "sweep) and print it. Exit code: 0, or 1 when a job failed, 2 on a usage error.",
+    )
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder, e.g. checkpoints/multirun/<date>")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir} is not a folder; give a sweep folder such as checkpoints/multirun/<date>",
-              file=sys.stderr)
+        print(
+            f"error: {args.sweep_dir} is not a folder; give a sweep folder such as checkpoints/multirun/<date>",
+            file=sys.stderr,
+        )
         return 2
     if not job_dirs(args.sweep_dir):
-        print(f"error: {args.sweep_dir} holds no job folders (sub-folders with .hydra/ or result.json); "
-              "give the folder `python train.py -m` printed as its sweep folder", file=sys.stderr)
+        print(
+            f"error: {args.sweep_dir} holds no job folders (sub-folders with .hydra/ or result.json); "
+            "give the folder `python train.py -m` printed as its sweep folder",
+            file=sys.stderr,
+        )
         return 2
     summary = write_summary(args.sweep_dir)
     print(markdown(summary))

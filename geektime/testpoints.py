@@ -4,6 +4,7 @@
 it reaches <point>: `train_step` (after each optimizer step), `checkpoint_write` (a checkpoint's temp file is
 written and synced, not yet renamed into place). Unset, as in every real run, `reached` is a dict lookup.
 """
+
 from __future__ import annotations
 
 import functools

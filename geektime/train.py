@@ -1,4 +1,5 @@
 """A training run: config -> data -> model -> epochs (train, evaluate, log, checkpoint) -> result."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import math
 import random
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,13 @@ from geektime.config import to_plain, validate_train_config
 from geektime.data import InputNormalizer, build_data, eval_loader
 from geektime.engine import evaluate, train_head_epoch, train_one_epoch
 from geektime.errors import EXPECTED_FAILURES, ConfigError, NonFiniteLossError, RunFolderError
+from geektime.finetune import Phase, Schedule, phase_of, phase_optimizer, phases, set_up_model
 from geektime.hparams import METRICS as HPARAMS_METRICS
 from geektime.hparams import log_hparams, run_hparams
 from geektime.machine import default_threads
 from geektime.metrics import pick_best
-from geektime.finetune import Phase, Schedule, phase_of, phase_optimizer, phases, set_up_model
-from geektime.schema import TrainConfig
 from geektime.models import build_model, channels_last_pays, classifier, head_features
+from geektime.schema import TrainConfig
 
 log = logging.getLogger("geektime.train")
 
@@ -53,15 +55,35 @@ def config_for_resume(cfg: DictConfig, ckpt: dict, overrides: list[str]) -> Dict
 
 def metric_columns(classes: list[str]) -> list[str]:
     per_class = [f"{c}_{m}" for c in classes for m in ("precision", "recall")]
-    return ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", *per_class,
-            "macro_precision", "macro_recall", "train_images_per_s", "epoch_seconds"]
+    return [
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        *per_class,
+        "macro_precision",
+        "macro_recall",
+        "train_images_per_s",
+        "epoch_seconds",
+    ]
 
 
 def log_epoch(epoch: int, epochs: int, row: dict, classes: list[str]) -> None:
     per_class = "  ".join(f"{c} P {row[f'{c}_precision']:.3f} R {row[f'{c}_recall']:.3f}" for c in classes[:8])
-    log.info("epoch %d/%d  lr %.5f  train loss %.4f acc %.4f  |  val loss %.4f acc %.4f  |  %s  |  %.1f img/s",
-             epoch, epochs, row["lr"], row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
-             per_class + ("  ..." if len(classes) > 8 else ""), row["train_images_per_s"])
+    log.info(
+        "epoch %d/%d  lr %.5f  train loss %.4f acc %.4f  |  val loss %.4f acc %.4f  |  %s  |  %.1f img/s",
+        epoch,
+        epochs,
+        row["lr"],
+        row["train_loss"],
+        row["train_acc"],
+        row["val_loss"],
+        row["val_acc"],
+        per_class + ("  ..." if len(classes) > 8 else ""),
+        row["train_images_per_s"],
+    )
 
 
 def claim_run_dir(run_dir: Path, resuming: bool, overwrite: bool, procs: distributed.Processes) -> None:
@@ -89,8 +111,13 @@ def wrap(model: nn.Module, cfg: DictConfig, procs: distributed.Processes, device
 def head_only(cfg: DictConfig, phase: Phase, procs: distributed.Processes) -> bool:
     """Whether the frozen phase can train the head on pooled features computed once: a body frozen with its
     BatchNorm, no augmentation (every epoch would see other crops), one process."""
-    return (phase.name == "frozen" and cfg.finetune.cache_features and cfg.finetune.freeze_bn
-            and not cfg.transforms.augment.enabled and not procs.distributed)
+    return (
+        phase.name == "frozen"
+        and cfg.finetune.cache_features
+        and cfg.finetune.freeze_bn
+        and not cfg.transforms.augment.enabled
+        and not procs.distributed
+    )
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -146,10 +173,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1) if procs.is_main else None
     plain_cfg = to_plain(cfg)
     if procs.is_main:
-        log.info("%s on %s: %d classes %s, %d train / %d val images at %s, %s, batch %d x %d process(es), "
-                 "%d thread(s) each", cfg.model.name, device, len(classes),
-                 classes if len(classes) <= 10 else f"{classes[:10]}...", len(data.train), len(data.val),
-                 data.image_size, cfg.transforms.name, cfg.data.batch_size, procs.world_size, torch.get_num_threads())
+        log.info(
+            "%s on %s: %d classes %s, %d train / %d val images at %s, %s, batch %d x %d process(es), %d thread(s) each",
+            cfg.model.name,
+            device,
+            len(classes),
+            classes if len(classes) <= 10 else f"{classes[:10]}...",
+            len(data.train),
+            len(data.val),
+            data.image_size,
+            cfg.transforms.name,
+            cfg.data.batch_size,
+            procs.world_size,
+            torch.get_num_threads(),
+        )
 
     epoch = start_epoch
     schedule, features = None, None
@@ -163,53 +200,105 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if schedule is None:
                 schedule = Schedule(cfg.scheduler, phase, len(data.train_loader))
                 if procs.is_main and phase.name != "all":
-                    log.info("epochs %d-%d: %s phase (%s)", phase.first_epoch, phase.last_epoch, phase.name,
-                             "only the head learns" if phase.name == "frozen" else "every layer learns")
+                    log.info(
+                        "epochs %d-%d: %s phase (%s)",
+                        phase.first_epoch,
+                        phase.last_epoch,
+                        phase.name,
+                        "only the head learns" if phase.name == "frozen" else "every layer learns",
+                    )
             torch.manual_seed(cfg.trainer.seed + epoch)  # dropout, drop-connect: the same per epoch after a resume
             data.train_sampler.set_epoch(epoch)
             schedule.apply(optimizer, epoch, 0)
             lr = max(group["lr"] for group in optimizer.param_groups)
-            set_lr = (lambda step, e=epoch: schedule.apply(optimizer, e, step)) if schedule.per_step else None
+            set_lr = partial(schedule.apply, optimizer, epoch) if schedule.per_step else None
             started = time.perf_counter()
             if head_only(cfg, phase, procs):
                 if features is None:
                     # In index order, not this epoch's shuffle: a resumed run must pair the same batches.
-                    features = head_features(plain_model, family, eval_loader(data.train, cfg.data), normalizer,
-                                             device, show_progress=procs.is_main)
-                row = train_head_epoch(classifier(plain_model, family), *features, criterion, optimizer,
-                                       cfg.data.batch_size, epoch, cfg.trainer.seed, set_lr)
+                    features = head_features(
+                        plain_model,
+                        family,
+                        eval_loader(data.train, cfg.data),
+                        normalizer,
+                        device,
+                        show_progress=procs.is_main,
+                    )
+                row = train_head_epoch(
+                    classifier(plain_model, family),
+                    *features,
+                    criterion,
+                    optimizer,
+                    cfg.data.batch_size,
+                    epoch,
+                    cfg.trainer.seed,
+                    set_lr,
+                )
             else:
-                row = train_one_epoch(model, data.train_loader, criterion, optimizer, scaler, normalizer, device,
-                                      epoch, amp=amp, log_interval=cfg.trainer.log_interval,
-                                      show_progress=procs.is_main, set_lr=set_lr)
+                row = train_one_epoch(
+                    model,
+                    data.train_loader,
+                    criterion,
+                    optimizer,
+                    scaler,
+                    normalizer,
+                    device,
+                    epoch,
+                    amp=amp,
+                    log_interval=cfg.trainer.log_interval,
+                    show_progress=procs.is_main,
+                    set_lr=set_lr,
+                )
             # One set of BatchNorm statistics (rank 0's, the checkpoint's) for every rank's val shard, and the
             # plain module: DDP's forward would add a collective that val shards of unequal length could hang.
             distributed.sync_buffers(plain_model, procs)
-            row.update(evaluate(plain_model, data.val_loader, criterion, normalizer, device, classes, epoch, amp,
-                                show_progress=procs.is_main))
+            row.update(
+                evaluate(
+                    plain_model,
+                    data.val_loader,
+                    criterion,
+                    normalizer,
+                    device,
+                    classes,
+                    epoch,
+                    amp,
+                    show_progress=procs.is_main,
+                )
+            )
             if not math.isfinite(row["val_loss"]):
                 raise NonFiniteLossError(
                     f"validation loss became non-finite at epoch {epoch} (train loss {row['train_loss']:.4g}): "
                     "the model diverged; this epoch is not saved, the checkpoints already written are intact. "
-                    "Lower optimizer.lr.")
+                    "Lower optimizer.lr."
+                )
             row.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - started)
             if not procs.is_main:
                 continue
             log_epoch(epoch, cfg.trainer.epochs, row, classes)
             saver.write_metrics(columns, row)
             for key in columns[1:]:
-                writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else f"val/{key}",
-                                  row[key], epoch)
+                writer.add_scalar(
+                    key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else f"val/{key}", row[key], epoch
+                )
             writer.flush()
-            saver.save(saver.state(plain_model, optimizer, scaler, epoch, phase.name, classes, data.image_size,
-                                   plain_cfg, row))
+            saver.save(
+                saver.state(plain_model, optimizer, scaler, epoch, phase.name, classes, data.image_size, plain_cfg, row)
+            )
     except KeyboardInterrupt:
         if procs.is_main:
             saved = saver.saved_epoch
-            lost = f"during epoch {epoch}: its progress is not saved" if epoch > saved else f"after saving epoch {saved}"
-            log.warning("interrupted %s. Checkpoints up to epoch %d are in %s; "
-                        "`python train.py trainer.resume=%s` starts again at epoch %d.",
-                        lost, saved, run_dir, run_dir, saved + 1)
+            lost = (
+                f"during epoch {epoch}: its progress is not saved" if epoch > saved else f"after saving epoch {saved}"
+            )
+            log.warning(
+                "interrupted %s. Checkpoints up to epoch %d are in %s; "
+                "`python train.py trainer.resume=%s` starts again at epoch %d.",
+                lost,
+                saved,
+                run_dir,
+                run_dir,
+                saved + 1,
+            )
         raise
     finally:
         if writer is not None:
@@ -220,12 +309,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     best = pick_best(rows, cfg.sweep_metric)
     if best:  # rank 0 only (the other ranks have no rows)
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-        log_hparams(run_dir, run_hparams(cfg, overrides),
-                    {m: best[m] for m in dict.fromkeys([cfg.sweep_metric, *HPARAMS_METRICS]) if m in best},
-                    step=best["epoch"])
-    return {"best_epoch": best["epoch"] if best else None, "best": best, "classes": classes,
-            "sweep_metric": cfg.sweep_metric, "value": best.get(cfg.sweep_metric) if best else None,
-            "epochs": len(rows), "run_dir": str(run_dir)}
+        log_hparams(
+            run_dir,
+            run_hparams(cfg, overrides),
+            {m: best[m] for m in dict.fromkeys([cfg.sweep_metric, *HPARAMS_METRICS]) if m in best},
+            step=best["epoch"],
+        )
+    return {
+        "best_epoch": best["epoch"] if best else None,
+        "best": best,
+        "classes": classes,
+        "sweep_metric": cfg.sweep_metric,
+        "value": best.get(cfg.sweep_metric) if best else None,
+        "epochs": len(rows),
+        "run_dir": str(run_dir),
+    }
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -244,12 +342,20 @@ def main(cfg: DictConfig) -> float | None:
             raise
         known = isinstance(err, EXPECTED_FAILURES)
         (log.error if known else log.exception)("job %s failed: %s", hydra_cfg.job.num, err)
-        result.update(status="failed", error=str(err) if known else f"{type(err).__name__}: {err}",
-                      traceback=traceback.format_exc())
+        result.update(
+            status="failed",
+            error=str(err) if known else f"{type(err).__name__}: {err}",
+            traceback=traceback.format_exc(),
+        )
     if distributed.launch_rank() == 0:  # under torchrun only rank 0 writes
         (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["status"] == "ok" and result.get("value") is not None:
-        log.info("best epoch %s: %s = %.4f  (run folder: %s)", result["best_epoch"], result["sweep_metric"],
-                 result["value"], run_dir)
+        log.info(
+            "best epoch %s: %s = %.4f  (run folder: %s)",
+            result["best_epoch"],
+            result["sweep_metric"],
+            result["value"],
+            run_dir,
+        )
         return float(result["value"])
     return None

@@ -12,6 +12,7 @@ bytes that are not UTF-8) are shown with %XX escapes.
 
 Exit status: 0 all images usable, 1 some are not (even when quarantined), 2 usage error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,15 @@ def _positive(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m geektime.verify",
-        description="List (and optionally move out) the images under DIR that training cannot read.")
+        description="List (and optionally move out) the images under DIR that training cannot read.",
+    )
     parser.add_argument("dir", type=Path, help="folder to check, e.g. data/train (<class>/<image> inside)")
-    parser.add_argument("--quarantine", type=Path, metavar="QDIR",
-                        help="move bad images here, keeping their path relative to DIR (outside DIR)")
+    parser.add_argument(
+        "--quarantine",
+        type=Path,
+        metavar="QDIR",
+        help="move bad images here, keeping their path relative to DIR (outside DIR)",
+    )
     parser.add_argument("--workers", type=_positive, metavar="N", help="processes (default: all cores)")
     parser.add_argument("--verbose", action="store_true", help="also list the hidden entries that were skipped")
     return parser
@@ -72,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         if qdir.exists() and not qdir.is_dir():
             return _usage_error(f"--quarantine {args.quarantine}: exists and is not a directory")
         if qdir.is_relative_to(root.resolve()):
-            return _usage_error(f"--quarantine {args.quarantine} is inside {root}: "
-                                "training would read it as a class folder; choose a folder outside it")
+            return _usage_error(
+                f"--quarantine {args.quarantine} is inside {root}: "
+                "training would read it as a class folder; choose a folder outside it"
+            )
 
     images, others, links, hidden = [], [], [], []
     try:
@@ -117,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Quarantining to {args.quarantine}:")
         summary += f", {_quarantine(bad, root, args.quarantine)} moved to {args.quarantine}"
     elif bad:
-        summary += (f". Move them out with `python -m geektime.verify {root} --quarantine <dir>`"
-                    " or set data.on_bad_image=skip")
+        summary += (
+            f". Move them out with `python -m geektime.verify {root} --quarantine <dir>` or set data.on_bad_image=skip"
+        )
     print(summary)
     return 1 if bad else 0
 

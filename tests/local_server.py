@@ -1,4 +1,5 @@
 """A real HTTP server on 127.0.0.1 for download tests: routes of canned responses, a request log per path."""
+
 from __future__ import annotations
 
 import io
@@ -117,7 +118,11 @@ def jpeg_bytes(colour=(200, 40, 40), size=(64, 48), seed=0, fmt="JPEG") -> bytes
 
 def png_bomb(width=30000, height=30000) -> bytes:
     """A valid-looking PNG header declaring width x height pixels (over Pillow's bomb limit) and tiny data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )

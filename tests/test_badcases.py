@@ -85,7 +85,7 @@ def parse_gallery(path: Path) -> GalleryParser:
 def decode_data_uri(src: str) -> Image.Image:
     prefix = "data:image/jpeg;base64,"
     assert src.startswith(prefix)
-    image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):], validate=True)))
+    image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :], validate=True)))
     image.load()
     return image
 
@@ -114,8 +114,12 @@ def gallery_case(tmp_path, monkeypatch):
     ]
     txt = tmp_path / "eval" / "epoch_002.txt"
     write_predictions(
-        txt, ["logo", "others"], np.array([[p, 1 - p] for _, _, p in lines]), np.array([t for _, t, _ in lines]),
-        [path for path, _, _ in lines], header={"checkpoint": "epoch_002.pth"},
+        txt,
+        ["logo", "others"],
+        np.array([[p, 1 - p] for _, _, p in lines]),
+        np.array([t for _, t, _ in lines]),
+        [path for path, _, _ in lines],
+        header={"checkpoint": "epoch_002.pth"},
     )
     return txt
 
@@ -130,13 +134,15 @@ def test_find_badcases_sorts_by_confidence(gallery_case):
 
 
 def test_find_badcases_three_classes_and_ties():
-    probs = np.array([
-        [0.5, 0.3, 0.2],  # dog predicted cat (0.5)
-        [0.1, 0.2, 0.7],  # dog predicted bird (0.7)
-        [0.6, 0.3, 0.1],  # bird predicted cat (0.6)
-        [0.5, 0.4, 0.1],  # dog predicted cat (0.5): ties with line 0, keeps file order
-        [0.1, 0.8, 0.1],  # dog right
-    ])
+    probs = np.array(
+        [
+            [0.5, 0.3, 0.2],  # dog predicted cat (0.5)
+            [0.1, 0.2, 0.7],  # dog predicted bird (0.7)
+            [0.6, 0.3, 0.1],  # bird predicted cat (0.6)
+            [0.5, 0.4, 0.1],  # dog predicted cat (0.5): ties with line 0, keeps file order
+            [0.1, 0.8, 0.1],  # dog right
+        ]
+    )
     pred = Predictions(["cat", "dog", "bird"], probs, np.array([1, 1, 2, 1, 1]), probs.argmax(1), list("abcde"), {})
     assert find_badcases(pred, "dog") == {"false_positives": [], "false_negatives": [1, 0, 3]}
     assert find_badcases(pred, "cat") == {"false_positives": [2, 0, 3], "false_negatives": []}
@@ -186,7 +192,7 @@ def test_gallery_is_valid_html_referencing_every_listed_image(gallery_case, tmp_
     assert square.size == (90, 90)  # small images are not enlarged
     assert all(abs(a - b) < 12 for a, b in zip(square.getpixel((45, 45)), BLUE))
     # Self-contained: nothing fetched, one inline script.
-    assert "src=\"http" not in source and "<link" not in source and "<script src" not in source
+    assert 'src="http' not in source and "<link" not in source and "<script src" not in source
     assert source.count("<script>") == 1
 
 
@@ -205,8 +211,10 @@ def test_cli_writes_table_and_default_gallery(gallery_case, capsys):
     assert main([str(gallery_case), "--positive", "logo", "--limit", "1"]) == 0
     out, err = capsys.readouterr()
     assert "false positives: 2, showing the 1 most confident" in out
-    assert out.rstrip().splitlines()[-2:] == [f"gallery: {gallery_case.with_name('epoch_002_badcases.html')}",
-                                              f"json: {gallery_case.with_name('epoch_002_badcases.json')}"]
+    assert out.rstrip().splitlines()[-2:] == [
+        f"gallery: {gallery_case.with_name('epoch_002_badcases.html')}",
+        f"json: {gallery_case.with_name('epoch_002_badcases.json')}",
+    ]
     assert err.startswith("warning: 1 of 2 images could not be read")  # the top false negative is missing
     parsed = parse_gallery(gallery_case.with_name("epoch_002_badcases.html"))
     assert parsed.figures == 2
@@ -236,7 +244,11 @@ def test_cli_bad_input_is_one_line_exit_2(gallery_case, capsys, argv, message):
 def test_module_entry_point_exit_code(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "geektime.badcases", str(tmp_path / "nope.txt")],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert result.returncode == 2
@@ -245,7 +257,9 @@ def test_module_entry_point_exit_code(tmp_path):
 
 @pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason=f"real photos not found at {REAL_PHOTOS}")
 def test_gallery_of_real_photos(tmp_path):
-    photos = [photo for name in ("doraemon", "walle") for photo in sorted((REAL_PHOTOS / "valid" / name).glob("*.jpg"))[:2]]
+    photos = [
+        photo for name in ("doraemon", "walle") for photo in sorted((REAL_PHOTOS / "valid" / name).glob("*.jpg"))[:2]
+    ]
     assert len(photos) == 4
     # Every photo is predicted as the other class, with falling confidence.
     probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]])
@@ -277,10 +291,18 @@ def test_gallery_screenshot_in_headless_chromium(gallery_case, tmp_path):
     screenshot = tmp_path / "shot.png"
     subprocess.run(
         [
-            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            f"--screenshot={screenshot}", "--window-size=1200,900", html_path.as_uri(),
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,900",
+            html_path.as_uri(),
         ],
-        capture_output=True, timeout=120, check=False,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert screenshot.is_file()
     with Image.open(screenshot) as shot:
@@ -292,17 +314,25 @@ def test_gallery_screenshot_in_headless_chromium(gallery_case, tmp_path):
 
 
 def three_class_predictions() -> Predictions:
-    probs = np.array([
-        [0.5, 0.3, 0.2],  # dog predicted cat: loss -ln 0.3
-        [0.1, 0.2, 0.7],  # dog predicted bird: -ln 0.2
-        [0.6, 0.3, 0.1],  # bird predicted cat: -ln 0.1
-        [0.5, 0.4, 0.1],  # dog predicted cat: -ln 0.4
-        [0.45, 0.55, 0.0],  # dog right, but barely: -ln 0.55
-        [0.0, 1.0, 0.0],  # unlabeled
-        [0.01, 0.98, 0.01],  # dog right: -ln 0.98
-    ])
-    return Predictions(["cat", "dog", "bird"], probs, np.array([1, 1, 2, 1, 1, -1, 1]), probs.argmax(1),
-                       [f"{c}.jpg" for c in "abcdefg"], {})
+    probs = np.array(
+        [
+            [0.5, 0.3, 0.2],  # dog predicted cat: loss -ln 0.3
+            [0.1, 0.2, 0.7],  # dog predicted bird: -ln 0.2
+            [0.6, 0.3, 0.1],  # bird predicted cat: -ln 0.1
+            [0.5, 0.4, 0.1],  # dog predicted cat: -ln 0.4
+            [0.45, 0.55, 0.0],  # dog right, but barely: -ln 0.55
+            [0.0, 1.0, 0.0],  # unlabeled
+            [0.01, 0.98, 0.01],  # dog right: -ln 0.98
+        ]
+    )
+    return Predictions(
+        ["cat", "dog", "bird"],
+        probs,
+        np.array([1, 1, 2, 1, 1, -1, 1]),
+        probs.argmax(1),
+        [f"{c}.jpg" for c in "abcdefg"],
+        {},
+    )
 
 
 def test_top_losses_rank_right_and_wrong_by_loss():
@@ -334,16 +364,24 @@ def test_cli_top_losses_table_json_and_controls(gallery_case, tmp_path, capsys):
     start = lines.index("top losses: 3")
     assert lines[start + 1].split() == ["#", "loss", "p(true)", "true", "predicted", "path"]
     # Highest loss first: rotated.jpg (p(true) 0.05), missing.jpg (0.20), a&b <2>.png (0.30).
-    assert [line.split(maxsplit=5)[-1] for line in lines[start + 2:start + 5]] == [
-        "images/others/rotated.jpg", "images/logo/missing.jpg", "images/others/a&b <2>.png"]
+    assert [line.split(maxsplit=5)[-1] for line in lines[start + 2 : start + 5]] == [
+        "images/others/rotated.jpg",
+        "images/logo/missing.jpg",
+        "images/others/a&b <2>.png",
+    ]
     assert lines[start + 2].split()[1] == f"{-np.log(0.05):.4f}"
     assert "most confused (actual -> predicted: count)" in out and "  others -> logo: 2" in out
 
     report = json.loads(gallery_case.with_name("epoch_002_badcases.json").read_text(encoding="utf-8"))
-    assert report["most_confused"] == [{"actual": "logo", "predicted": "others", "count": 2},
-                                       {"actual": "others", "predicted": "logo", "count": 2}]
-    assert [e["path"] for e in report["top_losses"]] == ["images/others/rotated.jpg", "images/logo/missing.jpg",
-                                                        "images/others/a&b <2>.png"]
+    assert report["most_confused"] == [
+        {"actual": "logo", "predicted": "others", "count": 2},
+        {"actual": "others", "predicted": "logo", "count": 2},
+    ]
+    assert [e["path"] for e in report["top_losses"]] == [
+        "images/others/rotated.jpg",
+        "images/logo/missing.jpg",
+        "images/others/a&b <2>.png",
+    ]
     assert len(report["wrong"]) == 4
 
     parsed = parse_gallery(html_path)
@@ -361,11 +399,18 @@ def chrome(download_dir: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--window-size=1200,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--window-size=1200,900",
+    ):
         options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
+    )
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
     return driver
@@ -375,8 +420,10 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                    reason=f"{CHROMIUM} or {CHROMEDRIVER} is not installed")
+@pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=f"{CHROMIUM} or {CHROMEDRIVER} is not installed",
+)
 def test_gallery_choices_download_cleaning_csv_that_clean_applies(gallery_case, tmp_path):
     """In a real headless Chromium: choose, download cleaning.csv, apply it, undo it."""
     from selenium.webdriver.common.by import By
@@ -415,7 +462,9 @@ def test_gallery_choices_download_cleaning_csv_that_clean_applies(gallery_case, 
     with open(target, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["path"], r["action"], r["label"], r["to_class"]) for r in rows) == [
-        (str(odd), "delete", "others", ""), (str(rotated), "move", "others", "logo")]
+        (str(odd), "delete", "others", ""),
+        (str(rotated), "move", "others", "logo"),
+    ]
 
     quarantine = tmp_path / "quarantine"
     assert clean_main(["apply", str(target), "--quarantine", str(quarantine), "--log", str(tmp_path / "undo.csv")]) == 0

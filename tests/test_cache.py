@@ -4,6 +4,7 @@ Each load runs in a forked child process, as a second job of a sweep would: a pr
 (never evicted under it), so a fresh process is what sees the cache as another job does. Decodes are counted by
 wrapping geektime.data.load_rgb in the child (decoding runs in that process with workers=1).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,11 +47,17 @@ def _load(folder: Path, cache_dir: Path, size, transform, fill, data_keys, delay
     data.load_rgb = counted
     dcfg, tcfg = configs(cache_dir, transform, fill, **data_keys)
     paths = [str(p) for p in list_images(folder)]
-    split = load_split("data.train_dir", paths, [0] * len(paths), str(folder), tcfg, dcfg, size, False, workers=1,
-                       progress=False)
+    split = load_split(
+        "data.train_dir", paths, [0] * len(paths), str(folder), tcfg, dcfg, size, False, workers=1, progress=False
+    )
     images = torch.stack([split.view(i) for i in range(len(split))])
-    return {"decodes": len(decodes), "kind": type(getattr(split, "images", None)).__name__, "paths": split.paths,
-            "images": images, "sha": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    return {
+        "decodes": len(decodes),
+        "kind": type(getattr(split, "images", None)).__name__,
+        "paths": split.paths,
+        "images": images,
+        "sha": hashlib.sha256(images.numpy().tobytes()).hexdigest(),
+    }
 
 
 def _child(conn, args):
@@ -68,7 +75,8 @@ def start_load(folder, cache_dir, size=SIZE, transform="resize", fill=(124, 116,
     """load_split of `folder` in a fresh (forked) process; returns (process, pipe)."""
     parent, child = multiprocessing.get_context("fork").Pipe(duplex=False)
     proc = multiprocessing.get_context("fork").Process(
-        target=_child, args=(child, (folder, cache_dir, size, transform, fill, data_keys, delay)))
+        target=_child, args=(child, (folder, cache_dir, size, transform, fill, data_keys, delay))
+    )
     proc.start()
     return proc, parent
 
@@ -87,7 +95,7 @@ def load_in_child(*args, **kwargs) -> dict:
 
 
 def entries(cache_dir: Path) -> list[str]:
-    return sorted(p.name[:-len(".json")] for p in cache_dir.glob("*.json"))
+    return sorted(p.name[: -len(".json")] for p in cache_dir.glob("*.json"))
 
 
 def leftovers(cache_dir: Path) -> list[str]:
@@ -106,8 +114,9 @@ def reference(folder: Path, size=SIZE, transform="resize") -> tuple[torch.Tensor
     """decode_all's views of the good images, in listing order."""
     tcfg = OmegaConf.structured(TransformsConfig(name=transform))
     paths = [str(p) for p in list_images(folder)]
-    images, bad = decode_all(paths, build_transform(tcfg, size, False), decode_size(tcfg, size, False), size,
-                             workers=1, progress=False)
+    images, bad = decode_all(
+        paths, build_transform(tcfg, size, False), decode_size(tcfg, size, False), size, workers=1, progress=False
+    )
     unusable = {p for p, _ in bad}
     keep = [i for i, p in enumerate(paths) if p not in unusable]
     return images[keep], [paths[i] for i in keep]

@@ -1,4 +1,5 @@
 """The checkpoint format's one owner: saves, the last.pth link, restore, compatibility, metrics.csv."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,11 @@ def test_saver_writes_epoch_files_on_the_interval_and_links_last(tmp_path):
     for epoch in range(1, 6):
         saver.save(tiny_state(epoch))
         assert checkpoint.load(tmp_path / "last.pth")["epoch"] == epoch
-    assert [p.name for p in checkpoint.epoch_checkpoints(tmp_path)] == ["epoch_002.pth", "epoch_004.pth",
-                                                                        "epoch_005.pth"]
+    assert [p.name for p in checkpoint.epoch_checkpoints(tmp_path)] == [
+        "epoch_002.pth",
+        "epoch_004.pth",
+        "epoch_005.pth",
+    ]
     assert (tmp_path / "last.pth").samefile(tmp_path / "epoch_005.pth")  # a hard link, not a second copy
     assert saver.saved_epoch == 5 and not list(tmp_path.glob(".*"))
 
@@ -43,8 +47,9 @@ def test_load_names_what_a_file_lacks(tmp_path):
 
 def test_one_compatibility_check_names_the_key_and_both_sides():
     state = tiny_state()
-    checkpoint.check_compatible(state, "a.pth", {"model": "linear", "classes": ["a", "b"], "image_size": (8, 8)},
-                                "the data")
+    checkpoint.check_compatible(
+        state, "a.pth", {"model": "linear", "classes": ["a", "b"], "image_size": (8, 8)}, "the data"
+    )
     with pytest.raises(checkpoint.CheckpointError, match=r"a.pth holds linear .*not resnet18 \(the data\)"):
         checkpoint.check_compatible(state, "a.pth", {"model": "resnet18"}, "the data")
     with pytest.raises(checkpoint.CheckpointError, match=r"the data has classes \['x', 'y'\]"):
@@ -62,6 +67,8 @@ def test_write_metrics_row_appends_and_drops_rows_a_killed_run_left(tmp_path):
     checkpoint.write_metrics_row(path, columns, {"epoch": 2, "lr": 0.05, "val_acc": 0.9, "extra": 1}, keep_up_to=1)
     rows = list(csv.DictReader(path.open()))
     assert [(r["epoch"], r["lr"]) for r in rows] == [("1", "0.1"), ("2", "0.05")]
-    assert checkpoint.read_metrics(path) == [{"epoch": 1, "lr": 0.1, "val_acc": 0.1},
-                                            {"epoch": 2, "lr": 0.05, "val_acc": 0.9}]
+    assert checkpoint.read_metrics(path) == [
+        {"epoch": 1, "lr": 0.1, "val_acc": 0.1},
+        {"epoch": 2, "lr": 0.05, "val_acc": 0.9},
+    ]
     assert not path.with_suffix(".csv.tmp").exists()

@@ -1,4 +1,5 @@
 """geektime.clean: apply a cleaning.csv (quarantine and relabel), undo it, never delete or overwrite."""
+
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_image
 
+from conftest import make_image
 from geektime.clean import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +39,16 @@ def write_cleaning(path: Path, rows: list[tuple[str, ...]]) -> Path:
 
 def test_apply_then_undo_restores_everything(data, tmp_path, capsys):
     before = snapshot(data)
-    cleaning = write_cleaning(tmp_path / "cleaning.csv", [
-        (str(data / "train/cat/0.jpg"), "delete", "cat", ""),
-        (str(data / "val/dog/1.jpg"), "delete", "dog", ""),
-        (str(data / "train/cat/2.jpg"), "move", "cat", "dog"),
-        (str(data / "val/dog/2.jpg"), "move", "dog", "bird"),  # a new class folder is fine
-        (str(data / "val/cat/1.jpg"), "keep", "cat", ""),
-    ])
+    cleaning = write_cleaning(
+        tmp_path / "cleaning.csv",
+        [
+            (str(data / "train/cat/0.jpg"), "delete", "cat", ""),
+            (str(data / "val/dog/1.jpg"), "delete", "dog", ""),
+            (str(data / "train/cat/2.jpg"), "move", "cat", "dog"),
+            (str(data / "val/dog/2.jpg"), "move", "dog", "bird"),  # a new class folder is fine
+            (str(data / "val/cat/1.jpg"), "keep", "cat", ""),
+        ],
+    )
     quarantine = tmp_path / "q"
     assert main(["apply", str(cleaning), "--quarantine", str(quarantine)]) == 0
     out = capsys.readouterr().out
@@ -53,7 +57,10 @@ def test_apply_then_undo_restores_everything(data, tmp_path, capsys):
     assert sorted(set(before) - set(after)) == ["train/cat/0.jpg", "train/cat/2.jpg", "val/dog/1.jpg", "val/dog/2.jpg"]
     # train/dog/2.jpg was taken: the relabeled cat gets the next free name; the dog there is untouched.
     assert sorted(set(after) - set(before)) == ["train/dog/2_1.jpg", "val/bird/2.jpg"]
-    assert after["train/dog/2_1.jpg"] == before["train/cat/2.jpg"] and after["train/dog/2.jpg"] == before["train/dog/2.jpg"]
+    assert (
+        after["train/dog/2_1.jpg"] == before["train/cat/2.jpg"]
+        and after["train/dog/2.jpg"] == before["train/dog/2.jpg"]
+    )
     quarantined = snapshot(quarantine)
     assert quarantined.pop("train/cat/0.jpg") == before["train/cat/0.jpg"]  # relative to data/, both splits kept
     assert quarantined.pop("val/dog/1.jpg") == before["val/dog/1.jpg"]
@@ -68,11 +75,14 @@ def test_apply_then_undo_restores_everything(data, tmp_path, capsys):
 
 
 def test_refusals_are_reported_and_undo_never_overwrites(data, tmp_path, capsys):
-    cleaning = write_cleaning(tmp_path / "cleaning.csv", [
-        (str(data / "train/cat/9.jpg"), "delete", "cat", ""),  # no such file
-        (str(data / "train/cat/1.jpg"), "move", "dog", "cat"),  # label says dog, folder says cat
-        (str(data / "train/cat/2.jpg"), "delete", "cat", ""),
-    ])
+    cleaning = write_cleaning(
+        tmp_path / "cleaning.csv",
+        [
+            (str(data / "train/cat/9.jpg"), "delete", "cat", ""),  # no such file
+            (str(data / "train/cat/1.jpg"), "move", "dog", "cat"),  # label says dog, folder says cat
+            (str(data / "train/cat/2.jpg"), "delete", "cat", ""),
+        ],
+    )
     log = tmp_path / "undo.csv"
     assert main(["apply", str(cleaning), "--quarantine", str(tmp_path / "q"), "--log", str(log)]) == 1
     out = capsys.readouterr().out
@@ -88,11 +98,14 @@ def test_refusals_are_reported_and_undo_never_overwrites(data, tmp_path, capsys)
     assert (data / "train/cat/2.jpg").read_bytes() == b"new" and (tmp_path / "q/cat/2.jpg").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("file,what\nx,delete\n", "no action, path column"),
-    ("path,action,label,to_class\nx.jpg,burn,cat,\n", "line 2: action 'burn' is not keep, delete or move"),
-    ("path,action,label,to_class\nx.jpg,move,cat,\n", "line 2: a move needs a to_class"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("file,what\nx,delete\n", "no action, path column"),
+        ("path,action,label,to_class\nx.jpg,burn,cat,\n", "line 2: action 'burn' is not keep, delete or move"),
+        ("path,action,label,to_class\nx.jpg,move,cat,\n", "line 2: a move needs a to_class"),
+    ],
+)
 def test_bad_cleaning_csv_is_one_line_error(tmp_path, capsys, content, message):
     (tmp_path / "c.csv").write_text(content)
     assert main(["apply", str(tmp_path / "c.csv"), "--quarantine", str(tmp_path / "q")]) == 2
@@ -103,8 +116,15 @@ def test_bad_cleaning_csv_is_one_line_error(tmp_path, capsys, content, message):
 
 def test_cli_usage(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "geektime.clean", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "geektime.clean", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     result = run("apply", str(tmp_path / "none.csv"), "--quarantine", str(tmp_path / "q"))
     assert result.returncode == 2
     assert result.stderr == f"error: cannot read {tmp_path / 'none.csv'}: No such file or directory\n"

@@ -1,4 +1,5 @@
 """Every config composes and builds; transforms do what their names say."""
+
 from __future__ import annotations
 
 import re
@@ -11,8 +12,15 @@ from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from geektime.config import ConfigError, find_conf_dir, model_names, register_resolvers, validate_train_config
-from geektime.data import (DecodedImages, FileImages, InputNormalizer, Letterbox, build_augmentation, build_data,
-                           build_transform)
+from geektime.data import (
+    DecodedImages,
+    FileImages,
+    InputNormalizer,
+    Letterbox,
+    build_augmentation,
+    build_data,
+    build_transform,
+)
 from geektime.models import build_model, channels_last_pays
 
 register_resolvers()
@@ -25,15 +33,19 @@ def compose_train(*overrides: str):
 
 
 def test_model_group_lists_every_architecture():
-    assert model_names() == sorted([f"efficientnet_b{i}" for i in range(8)] + [f"efficientnet_lite{i}" for i in range(5)]
-                                   + [f"resnet{n}" for n in (18, 34, 50, 101, 152)])
+    assert model_names() == sorted(
+        [f"efficientnet_b{i}" for i in range(8)]
+        + [f"efficientnet_lite{i}" for i in range(5)]
+        + [f"resnet{n}" for n in (18, 34, 50, 101, 152)]
+    )
 
 
 FAST_MODELS = {"efficientnet_b0", "efficientnet_lite0", "resnet18"}
 
 
-@pytest.mark.parametrize("name", [n if n in FAST_MODELS else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in model_names()])
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_MODELS else pytest.param(n, marks=pytest.mark.slow) for n in model_names()]
+)
 def test_every_model_config_composes_builds_and_runs(name):
     cfg = compose_train(f"model={name}")
     validate_train_config(cfg)
@@ -51,11 +63,19 @@ def test_every_experiment_composes():
         assert cfg.trainer.epochs >= 1
 
 
-@pytest.mark.parametrize("override,key", [
-    ("transforms.name=stretch", "transforms.name"), ("trainer.epochs=1.5", "trainer.epochs"),
-    ("data.batch_size=2.5", "data.batch_size"), ("trainer.seed=abc", "trainer.seed"),
-    ("data.on_bad_image=maybe", "data.on_bad_image"), ("optimizer.lr=fast", "optimizer.lr"),
-    ("model.normalization=bgr", "model.normalization"), ("trainer.typo_key=1", "typo_key")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("transforms.name=stretch", "transforms.name"),
+        ("trainer.epochs=1.5", "trainer.epochs"),
+        ("data.batch_size=2.5", "data.batch_size"),
+        ("trainer.seed=abc", "trainer.seed"),
+        ("data.on_bad_image=maybe", "data.on_bad_image"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("model.normalization=bgr", "model.normalization"),
+        ("trainer.typo_key=1", "typo_key"),
+    ],
+)
 def test_schema_refuses_wrong_types_and_choices_naming_the_key(override, key):
     with pytest.raises(ConfigCompositionException) as raised:
         compose_train(override)
@@ -63,12 +83,13 @@ def test_schema_refuses_wrong_types_and_choices_naming_the_key(override, key):
 
 
 def test_ranges_and_cross_key_rules_name_the_key():
-    for override, message in [("data.batch_size=0", "data.batch_size=0 must be >= 1"),
-                              ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
-                              ("optimizer.lr=0", "optimizer.lr=0.0 must be > 0"),
-                              ("data.num_workers=-1", "data.num_workers=-1"),
-                              ("trainer.channels_last=sometimes",
-                               "trainer.channels_last='sometimes' is not one of: auto, true, false")]:
+    for override, message in [
+        ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+        ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+        ("optimizer.lr=0", "optimizer.lr=0.0 must be > 0"),
+        ("data.num_workers=-1", "data.num_workers=-1"),
+        ("trainer.channels_last=sometimes", "trainer.channels_last='sometimes' is not one of: auto, true, false"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate_train_config(compose_train(override))
 
@@ -146,9 +167,15 @@ def _epoch_batches(data, epochs=(1, 2)) -> dict[int, list[torch.Tensor]]:
 def test_augmented_images_depend_on_seed_epoch_and_index_only(folders, cache, split_type):
     """Per-image seeds: the same crops with 0 workers, with 2 persistent workers, and when an epoch is replayed."""
     train_dir, val_dir = folders
-    common = ("transforms.augment.enabled=true", "data.image_size=[24,24]", "data.batch_size=5",
-              f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", f"data.cache={str(cache).lower()}",
-              "trainer.seed=20240601")  # a date as seed: the per-image seeds must stay within 64 bits
+    common = (
+        "transforms.augment.enabled=true",
+        "data.image_size=[24,24]",
+        "data.batch_size=5",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"data.cache={str(cache).lower()}",
+        "trainer.seed=20240601",
+    )  # a date as seed: the per-image seeds must stay within 64 bits
     inline = build_data(compose_train(*common, "data.num_workers=0"))
     pooled = build_data(compose_train(*common, "data.num_workers=2"))
     assert isinstance(pooled.train, split_type) and pooled.train_loader.persistent_workers

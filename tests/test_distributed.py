@@ -1,4 +1,5 @@
 """Scale out: 2 processes under torchrun (gloo, CPU), joblib sweeps, the SLURM launcher config."""
+
 from __future__ import annotations
 
 import csv
@@ -21,11 +22,14 @@ DDP = [*TINY, "trainer.epochs=2"]
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*TWO_PROCESSES, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [*TWO_PROCESSES, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"torchrun train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+            f"--- stderr\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -99,8 +103,15 @@ def single_process_val_loss(ckpt: dict) -> float:
     model.load_state_dict(ckpt["model"])
     model.to(memory_format=torch.channels_last)
     normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last=True)
-    return evaluate(model, data.val_loader, torch.nn.CrossEntropyLoss(), normalizer, torch.device("cpu"),
-                    data.classes, show_progress=False)["val_loss"]
+    return evaluate(
+        model,
+        data.val_loader,
+        torch.nn.CrossEntropyLoss(),
+        normalizer,
+        torch.device("cpu"),
+        data.classes,
+        show_progress=False,
+    )["val_loss"]
 
 
 @pytest.mark.slow
@@ -128,9 +139,18 @@ def test_joblib_sweep_runs_two_jobs_side_by_side_and_summarizes_them(tmp_path, f
     train_dir, val_dir = folders
     sweep = tmp_path / "sweep"
     args = [a for a in TINY if not a.startswith(("trainer.threads", "optimizer.lr"))]
-    proc = run_script("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                      "optimizer.lr=0.01,0.003", *args, "trainer.epochs=1", f"data.train_dir={train_dir}",
-                      f"data.val_dir={val_dir}", f"hydra.sweep.dir={sweep}")
+    proc = run_script(
+        "train.py",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "optimizer.lr=0.01,0.003",
+        *args,
+        "trainer.epochs=1",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.sweep.dir={sweep}",
+    )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
     assert "optimizer.lr:0.01" in jobs[0].name and "optimizer.lr:0.003" in jobs[1].name
@@ -158,22 +178,44 @@ def compose_train(*overrides: str):
 
 @pytest.mark.slow
 def test_submitit_slurm_launcher_composes_without_a_cluster():
-    out = run_script("train.py", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
-                     "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=90", "model=efficientnet_b3",
-                     "optimizer.lr=0.01", "--cfg", "all").stdout
+    out = run_script(
+        "train.py",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.timeout_min=90",
+        "model=efficientnet_b3",
+        "optimizer.lr=0.01",
+        "--cfg",
+        "all",
+    ).stdout
     assert "name: efficientnet_b3" in out and "lr: 0.01" in out
-    for line in ("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
-                 "partition: gpu", "gpus_per_node: 4", "timeout_min: 90", "_target_: geektime.sweep.SweepSummary"):
+    for line in (
+        "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+        "partition: gpu",
+        "gpus_per_node: 4",
+        "timeout_min: 90",
+        "_target_: geektime.sweep.SweepSummary",
+    ):
         assert re.search(rf"^ *{re.escape(line)}$", out, re.M), line
 
 
 def test_our_slurm_launcher_config_runs_one_process_per_gpu():
     from hydra.utils import instantiate
 
-    cfg = compose_train("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
-                        "hydra.launcher.timeout_min=600")
+    cfg = compose_train(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=8",
+        "hydra.launcher.timeout_min=600",
+    )
     launcher = cfg.hydra.launcher
-    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == ("gpu", 8, 8, 600)
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == (
+        "gpu",
+        8,
+        8,
+        600,
+    )
     built = instantiate(launcher)  # what `-m` would submit with (submitting needs a cluster)
     assert type(built).__name__ == "SlurmLauncher" and built.params["tasks_per_node"] == 8
     assert cfg.hydra.callbacks.sweep_summary._target_ == "geektime.sweep.SweepSummary"

@@ -1,4 +1,5 @@
 """geektime.download against a real HTTP server on 127.0.0.1 (tests/local_server.py)."""
+
 from __future__ import annotations
 
 import csv
@@ -33,17 +34,19 @@ GOOD_PNG = jpeg_bytes((40, 40, 200), seed=2, fmt="PNG")
 @pytest.fixture
 def server():
     with LocalServer() as srv:
-        srv.routes.update({
-            "/good.jpg": Route(GOOD_JPEG, content_type="image/jpeg"),
-            "/photo.jpg": Route(GOOD_PNG, content_type="image/jpeg"),  # a PNG behind a .jpg URL
-            "/page.jpg": Route(b"<!DOCTYPE html><html><body>Sign in</body></html>", content_type="text/html"),
-            "/truncated.jpg": Route(GOOD_JPEG[: len(GOOD_JPEG) // 2], content_type="image/jpeg"),
-            "/bomb.png": Route(png_bomb(), content_type="image/png"),
-            "/slow.jpg": Route(GOOD_JPEG, delay=1.5),
-            "/big.jpg": Route(jpeg_bytes(size=(600, 600), seed=3)),  # declares its too-large length
-            "/endless.jpg": Route(endless=True),  # no length: must be cut while reading
-            "/moved.jpg": Route(status=302, location="/good.jpg"),
-        })
+        srv.routes.update(
+            {
+                "/good.jpg": Route(GOOD_JPEG, content_type="image/jpeg"),
+                "/photo.jpg": Route(GOOD_PNG, content_type="image/jpeg"),  # a PNG behind a .jpg URL
+                "/page.jpg": Route(b"<!DOCTYPE html><html><body>Sign in</body></html>", content_type="text/html"),
+                "/truncated.jpg": Route(GOOD_JPEG[: len(GOOD_JPEG) // 2], content_type="image/jpeg"),
+                "/bomb.png": Route(png_bomb(), content_type="image/png"),
+                "/slow.jpg": Route(GOOD_JPEG, delay=1.5),
+                "/big.jpg": Route(jpeg_bytes(size=(600, 600), seed=3)),  # declares its too-large length
+                "/endless.jpg": Route(endless=True),  # no length: must be cut while reading
+                "/moved.jpg": Route(status=302, location="/good.jpg"),
+            }
+        )
         yield srv
 
 
@@ -53,15 +56,26 @@ def read_log(dest: Path) -> dict[str, dict[str, str]]:
 
 
 def test_each_kind_of_response(server, tmp_path, capsys):
-    names = ["good.jpg", "photo.jpg", "page.jpg", "truncated.jpg", "bomb.png", "slow.jpg", "big.jpg",
-             "endless.jpg", "moved.jpg", "missing.jpg"]
+    names = [
+        "good.jpg",
+        "photo.jpg",
+        "page.jpg",
+        "truncated.jpg",
+        "bomb.png",
+        "slow.jpg",
+        "big.jpg",
+        "endless.jpg",
+        "moved.jpg",
+        "missing.jpg",
+    ]
     urls = {name: f"{server.url}/{name}" for name in names}
     url_file = tmp_path / "urls.csv"
     url_file.write_text("url,comment\n" + "".join(f"{u},x\n" for u in urls.values()) + f"{urls['good.jpg']}\n")
     dest = tmp_path / "dest"
     started = time.monotonic()
-    assert main([str(url_file), str(dest), "--timeout", "0.5", "--retries", "1", "--max-bytes", "100KB",
-                 "--quiet"]) == 0
+    assert (
+        main([str(url_file), str(dest), "--timeout", "0.5", "--retries", "1", "--max-bytes", "100KB", "--quiet"]) == 0
+    )
     assert time.monotonic() - started < 20
     out = capsys.readouterr().out
     assert "passed over 1 line(s) without an http(s) URL" in out  # the header
@@ -70,16 +84,26 @@ def test_each_kind_of_response(server, tmp_path, capsys):
     log = read_log(dest)
     assert set(log) == set(urls.values())  # the repeated URL is fetched once
     status = {name: log[url]["status"] for name, url in urls.items()}
-    assert status == {"good.jpg": "ok", "photo.jpg": "ok", "moved.jpg": "ok", "page.jpg": "bad_image",
-                      "truncated.jpg": "bad_image", "bomb.png": "bad_image", "slow.jpg": "network_error",
-                      "big.jpg": "too_large", "endless.jpg": "too_large", "missing.jpg": "http_error"}
+    assert status == {
+        "good.jpg": "ok",
+        "photo.jpg": "ok",
+        "moved.jpg": "ok",
+        "page.jpg": "bad_image",
+        "truncated.jpg": "bad_image",
+        "bomb.png": "bad_image",
+        "slow.jpg": "network_error",
+        "big.jpg": "too_large",
+        "endless.jpg": "too_large",
+        "missing.jpg": "http_error",
+    }
     # Named by the URL's id and the content's real type; the redirect keeps the id of the URL asked for.
     assert (dest / f"{url_id(urls['good.jpg'])}.jpg").read_bytes() == GOOD_JPEG
     assert (dest / f"{url_id(urls['photo.jpg'])}.png").read_bytes() == GOOD_PNG
     assert (dest / f"{url_id(urls['moved.jpg'])}.jpg").read_bytes() == GOOD_JPEG
     assert sorted(p.name for p in dest.iterdir()) == sorted(
         [f"{url_id(urls[n])}{ext}" for n, ext in (("good.jpg", ".jpg"), ("photo.jpg", ".png"), ("moved.jpg", ".jpg"))]
-        + ["_failed", LOG_NAME])
+        + ["_failed", LOG_NAME]
+    )
     row = log[urls["good.jpg"]]
     assert row["sha256"] == hashlib.sha256(GOOD_JPEG).hexdigest() and row["bytes"] == str(len(GOOD_JPEG))
     assert row["file"] == f"{url_id(urls['good.jpg'])}.jpg"
@@ -175,18 +199,23 @@ def test_host_pacer_spaces_requests_per_host():
 
 def test_read_urls_and_sizes(tmp_path):
     path = tmp_path / "list.csv"
-    path.write_text('\ufeffname,link\ncat,https://a.example/1.jpg\n"b, c",HTTP://a.example/2.jpg\n\n# note\n'
-                    "https://a.example/1.jpg\n")
+    path.write_text(
+        '\ufeffname,link\ncat,https://a.example/1.jpg\n"b, c",HTTP://a.example/2.jpg\n\n# note\n'
+        "https://a.example/1.jpg\n"
+    )
     assert read_urls(path) == (["https://a.example/1.jpg", "HTTP://a.example/2.jpg"], 2)
     assert parse_size("20MB") == 20_000_000 and parse_size("1MiB") == 2**20 and parse_size("512") == 512
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/nope.txt", "{tmp}/d"], "nope.txt: no such file or folder"),
-    (["{tmp}/urls.txt", "{tmp}/urls.txt"], "urls.txt: is a file"),
-    (["{tmp}/urls.txt", "{tmp}/d", "--max-bytes", "lots"], "expected a size such as"),
-    (["{tmp}/empty", "{tmp}/d"], "no <class>.csv or <class>.txt files"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nope.txt", "{tmp}/d"], "nope.txt: no such file or folder"),
+        (["{tmp}/urls.txt", "{tmp}/urls.txt"], "urls.txt: is a file"),
+        (["{tmp}/urls.txt", "{tmp}/d", "--max-bytes", "lots"], "expected a size such as"),
+        (["{tmp}/empty", "{tmp}/d"], "no <class>.csv or <class>.txt files"),
+    ],
+)
 def test_usage_errors_exit_2(tmp_path, capsys, args, message):
     (tmp_path / "urls.txt").write_text("https://a.example/1.jpg\n")
     (tmp_path / "empty").mkdir()
@@ -197,10 +226,17 @@ def test_usage_errors_exit_2(tmp_path, capsys, args, message):
 
 def test_list_without_urls_is_an_error(tmp_path):
     (tmp_path / "urls.txt").write_text("just words\n")
-    result = subprocess.run([sys.executable, "-m", "geektime.download", str(tmp_path / "urls.txt"),
-                             str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "geektime.download", str(tmp_path / "urls.txt"), str(tmp_path / "d")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
-        f"error: {tmp_path / 'urls.txt'}: no http(s) URLs to download")
+        f"error: {tmp_path / 'urls.txt'}: no http(s) URLs to download"
+    )
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """evaluate.py end to end on a tiny real run: txt per checkpoint, table, selection, thresholds, unlabeled images."""
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,13 @@ pytestmark = pytest.mark.slow  # real runs of train.py / evaluate.py in subproce
 def trained(tmp_path_factory):
     """A 2-epoch run on logo (red) vs others (blue); two logo val images are blue, so no threshold is perfect."""
     root = tmp_path_factory.mktemp("eval")
-    train_dir, val_dir = make_folders(root / "data", classes=("logo", "others"),
-                                      colours=((200, 50, 40), (40, 60, 200)), train_per_class=16, val_per_class=6)
+    train_dir, val_dir = make_folders(
+        root / "data",
+        classes=("logo", "others"),
+        colours=((200, 50, 40), (40, 60, 200)),
+        train_per_class=16,
+        val_per_class=6,
+    )
     for i in range(2):
         make_image(val_dir / "logo" / f"hard_{i}.jpg", (40, 60, 200), seed=900 + i)
     run = root / "run"
@@ -42,8 +48,9 @@ def _logit_gap(run, val_dir):
     model.load_state_dict(ckpt["model"])
     model.eval()
     paths = [str(p) for c in ("logo", "others") for p in list_images(val_dir / c)]
-    images, _ = decode_all(paths, build_transform(OmegaConf.create(ckpt["transforms"]), (32, 32), False),
-                           (32, 32), (32, 32), workers=1)
+    images, _ = decode_all(
+        paths, build_transform(OmegaConf.create(ckpt["transforms"]), (32, 32), False), (32, 32), (32, 32), workers=1
+    )
     with torch.no_grad():
         logits = model(InputNormalizer("imagenet", torch.device("cpu"), True)(images))
     gap = (logits[:, 0] - logits[:, 1]).numpy()
@@ -63,12 +70,22 @@ def test_run_dir_selection_follows_the_business_metric(trained, tmp_path):
         state["model"]["fc.bias"] = ckpt["model"]["fc.bias"] + torch.tensor([shift, 0.0])
         torch.save(state, designed / f"epoch_{epoch:03d}.pth")
 
-    run_script("evaluate.py", f"checkpoint={designed}", f"data.val_dir={val_dir}", "select.metric=recall",
-               "select.positive=logo")
+    run_script(
+        "evaluate.py",
+        f"checkpoint={designed}",
+        f"data.val_dir={val_dir}",
+        "select.metric=recall",
+        "select.positive=logo",
+    )
     assert json.loads((designed / "eval/best.json").read_text())["checkpoint"] == "epoch_001.pth"
     assert (designed / "eval/epoch_001_confusion.png").is_file()
-    run_script("evaluate.py", f"checkpoint={designed}", f"data.val_dir={val_dir}", "select.metric=precision",
-               "select.positive=logo")
+    run_script(
+        "evaluate.py",
+        f"checkpoint={designed}",
+        f"data.val_dir={val_dir}",
+        "select.metric=precision",
+        "select.positive=logo",
+    )
     best = json.loads((designed / "eval/best.json").read_text())
     assert best["checkpoint"] == "epoch_002.pth" and best["precision"] == pytest.approx(1.0)
 
@@ -80,24 +97,39 @@ def test_run_dir_selection_follows_the_business_metric(trained, tmp_path):
         report = json.loads((designed / f"eval/{name}.json").read_text())
         again = classification_report(pred)
         assert report["per_class"]["logo"]["recall"] == pytest.approx(again["per_class"]["logo"]["recall"])
-        assert float(table[f"{name}.pth"]["logo_recall"]) == pytest.approx(report["per_class"]["logo"]["recall"],
-                                                                            abs=1e-5)
+        assert float(table[f"{name}.pth"]["logo_recall"]) == pytest.approx(
+            report["per_class"]["logo"]["recall"], abs=1e-5
+        )
     # Every checkpoint gets its JSON; the confusion PNG is drawn for the chosen one (epoch_002 by precision).
     assert (designed / "eval/epoch_001.json").is_file() and (designed / "eval/epoch_002_confusion.png").is_file()
     assert not (designed / "eval/epoch_001_confusion.png").exists()  # the recall run's choice is gone
     assert best["confusion_png"] == str(designed / "eval/epoch_002_confusion.png")
 
     # A floor nobody meets is a message, not a traceback.
-    proc = run_script("evaluate.py", f"checkpoint={designed}", f"data.val_dir={val_dir}", "select.metric=recall",
-                      "select.positive=logo", "select.min_precision=1.01", check=False)
+    proc = run_script(
+        "evaluate.py",
+        f"checkpoint={designed}",
+        f"data.val_dir={val_dir}",
+        "select.metric=recall",
+        "select.positive=logo",
+        "select.min_precision=1.01",
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "select.min_precision=1.01" in proc.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["select.positive=cat"], "select.positive='cat' is not a class of the checkpoint; choose one of: logo, others"),
-    (["threshold.target_recall=0.9"], "threshold.target_recall needs select.positive=<class>"),
-    (["select.positive=logo", "threshold.target_recall=0.9", "threshold.target_precision=0.9"], "not both"),
-    (["select.min_recall=abc"], "select.min_recall")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["select.positive=cat"],
+            "select.positive='cat' is not a class of the checkpoint; choose one of: logo, others",
+        ),
+        (["threshold.target_recall=0.9"], "threshold.target_recall needs select.positive=<class>"),
+        (["select.positive=logo", "threshold.target_recall=0.9", "threshold.target_precision=0.9"], "not both"),
+        (["select.min_recall=abc"], "select.min_recall"),
+    ],
+)
 def test_selection_and_threshold_requests_are_checked_before_any_work(trained, tmp_path, args, message):
     """Issue 12.13: checked before decoding or inference, so a wrong request changes nothing in eval/."""
     run, _ = trained
@@ -117,8 +149,16 @@ def test_a_floor_nobody_meets_leaves_no_old_choice_behind(trained, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "best.json").write_text('{"checkpoint": "an old choice"}')
-    proc = run_script("evaluate.py", f"checkpoint={run}", f"out_dir={out}", "select.positive=logo",
-                      "select.metric=recall", "select.min_precision=1.0", "select.min_recall=1.0", check=False)
+    proc = run_script(
+        "evaluate.py",
+        f"checkpoint={run}",
+        f"out_dir={out}",
+        "select.positive=logo",
+        "select.metric=recall",
+        "select.min_precision=1.0",
+        "select.min_recall=1.0",
+        check=False,
+    )
     if proc.returncode == 0:
         pytest.skip("this tiny run happens to be perfect on its val images")
     assert proc.returncode == 2 and "no checkpoint has precision >= 1.0 and recall >= 1.0" in proc.stderr
@@ -179,8 +219,9 @@ def test_unlabeled_test_folder_gets_predictions(trained, tmp_path):
 
 def test_checkpoint_of_other_classes_is_named(trained, tmp_path):
     run, _ = trained
-    other_train, other_val = make_folders(tmp_path / "other", classes=("cat", "dog"), train_per_class=2,
-                                          val_per_class=2)
+    other_train, other_val = make_folders(
+        tmp_path / "other", classes=("cat", "dog"), train_per_class=2, val_per_class=2
+    )
     proc = run_script("evaluate.py", f"checkpoint={run / 'last.pth'}", f"data.val_dir={other_val}", check=False)
     assert proc.returncode == 2
     assert "['logo', 'others']" in proc.stderr and "cat" in proc.stderr and "Traceback" not in proc.stderr
@@ -197,8 +238,9 @@ def test_a_sweep_is_evaluated_as_its_jobs_are_and_the_choice_spans_every_job(tra
     for job, shift in shifts.items():
         folder = sweep / f"{job}_optimizer.lr:{0.01 * (job + 1)}"
         folder.mkdir(parents=True)
-        (folder / "result.json").write_text(json.dumps({"overrides": [f"optimizer.lr={0.01 * (job + 1)}",
-                                                                      "trainer.epochs=2"], "status": "ok"}))
+        (folder / "result.json").write_text(
+            json.dumps({"overrides": [f"optimizer.lr={0.01 * (job + 1)}", "trainer.epochs=2"], "status": "ok"})
+        )
         for epoch in (1, 2):
             state = {**ckpt, "epoch": epoch, "model": dict(ckpt["model"])}
             further = 0.01 * (epoch - 1) * (1 if job == 0 else -1)  # epoch 2: further in the same direction
@@ -207,20 +249,30 @@ def test_a_sweep_is_evaluated_as_its_jobs_are_and_the_choice_spans_every_job(tra
     (sweep / "2_broken").mkdir()  # a folder without checkpoints (a job that failed at start) is passed over
     jobs = sorted(p for p in sweep.iterdir() if p.name[0] in "01")
 
-    proc = run_script("evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}", "select.metric=recall",
-                      "select.positive=logo")
+    proc = run_script(
+        "evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}", "select.metric=recall", "select.positive=logo"
+    )
     assert proc.stdout.count("decoded ") == 1 and "job(s): 0_optimizer.lr:0.01, 1_optimizer.lr:0.02" in proc.stdout
     best = json.loads((sweep / "eval/best.json").read_text())
     assert best["job"] == jobs[0].name and best["overrides"] == {"optimizer.lr": "0.01", "trainer.epochs": "2"}
     assert best["checkpoint_path"] == str(jobs[0] / "epoch_001.pth") and best["recall"] == pytest.approx(1.0)
     rows = list(csv.DictReader((sweep / "eval/checkpoints.csv").open()))
     assert [(r["job"], r["optimizer.lr"], r["epoch"]) for r in rows] == [
-        (jobs[0].name, "0.01", "1"), (jobs[0].name, "0.01", "2"), (jobs[1].name, "0.02", "1"), (jobs[1].name, "0.02", "2")]
+        (jobs[0].name, "0.01", "1"),
+        (jobs[0].name, "0.01", "2"),
+        (jobs[1].name, "0.02", "1"),
+        (jobs[1].name, "0.02", "2"),
+    ]
     assert {"accuracy", "logo_precision", "logo_recall", "others_precision", "others_recall"} <= set(rows[0])
     assert (sweep / "eval/epoch_002_logo_pr.png").exists() is False and Path(best["predictions"]).is_file()
 
-    run_script("evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}", "select.metric=precision",
-               "select.positive=logo")
+    run_script(
+        "evaluate.py",
+        f"checkpoint={sweep}",
+        f"data.val_dir={val_dir}",
+        "select.metric=precision",
+        "select.positive=logo",
+    )
     best = json.loads((sweep / "eval/best.json").read_text())
     assert best["job"] == jobs[1].name and best["precision"] == pytest.approx(1.0) and best["epoch"] == 1
 
@@ -231,8 +283,10 @@ def test_a_sweep_is_evaluated_as_its_jobs_are_and_the_choice_spans_every_job(tra
         for name in ("epoch_001", "epoch_002"):
             ours, theirs = read_predictions(job / f"eval/{name}.txt"), read_predictions(alone / f"{name}.txt")
             assert ours.paths == theirs.paths and np.array_equal(ours.probs, theirs.probs)
-            assert json.loads((job / f"eval/{name}.json").read_text())["per_class"] == json.loads(
-                (alone / f"{name}.json").read_text())["per_class"]
+            assert (
+                json.loads((job / f"eval/{name}.json").read_text())["per_class"]
+                == json.loads((alone / f"{name}.json").read_text())["per_class"]
+            )
 
 
 def test_sweep_jobs_of_different_transforms_are_decoded_once_per_group(trained, tmp_path):
@@ -243,8 +297,10 @@ def test_sweep_jobs_of_different_transforms_are_decoded_once_per_group(trained, 
         folder = sweep / f"{job}_transforms:{transform}"
         folder.mkdir(parents=True)
         transforms = {**ckpt["transforms"], "name": transform}
-        torch.save({**ckpt, "transforms": transforms, "config": {**ckpt["config"], "transforms": transforms}},
-                   folder / "epoch_001.pth")
+        torch.save(
+            {**ckpt, "transforms": transforms, "config": {**ckpt["config"], "transforms": transforms}},
+            folder / "epoch_001.pth",
+        )
         (folder / "result.json").write_text(json.dumps({"overrides": [f"transforms={transform}"]}))
     proc = run_script("evaluate.py", f"checkpoint={sweep}", f"data.val_dir={val_dir}")
     assert proc.stdout.count("decoded ") == 2

@@ -1,4 +1,5 @@
 """geektime.export end to end: ONNX and TorchScript files that agree with eager PyTorch, and refusals."""
+
 from __future__ import annotations
 
 import hashlib
@@ -45,12 +46,19 @@ def runs(tmp_path_factory, data):
             train_tiny(folder, *data, "trainer.epochs=1", f"model={name}")
             made[name] = folder / "last.pth"
         return made[name]
+
     return run
 
 
 def export_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "geektime.export", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geektime.export", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"export {args} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -59,8 +67,11 @@ def export_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def eager_probs(ckpt_path, images: torch.Tensor) -> np.ndarray:
     """The reference, written as evaluate does it: build_model + InputNormalizer + softmax, no export code."""
     ckpt = torch.load(ckpt_path, weights_only=True)
-    model = build_model(OmegaConf.create({**ckpt["config"]["model"], "pretrained": False}), len(ckpt["classes"]),
-                        tuple(ckpt["image_size"]))
+    model = build_model(
+        OmegaConf.create({**ckpt["config"]["model"], "pretrained": False}),
+        len(ckpt["classes"]),
+        tuple(ckpt["image_size"]),
+    )
     model.load_state_dict(ckpt["model"])
     model.eval()
     with torch.inference_mode():
@@ -70,8 +81,14 @@ def eager_probs(ckpt_path, images: torch.Tensor) -> np.ndarray:
 def views(ckpt_path, folder) -> torch.Tensor:
     ckpt = torch.load(ckpt_path, weights_only=True)
     tcfg, size = OmegaConf.create(ckpt["transforms"]), tuple(ckpt["image_size"])
-    images, bad = decode_all([str(p) for p in list_images(folder)], build_transform(tcfg, size, False),
-                             decode_size(tcfg, size, False), size, workers=1, progress=False)
+    images, bad = decode_all(
+        [str(p) for p in list_images(folder)],
+        build_transform(tcfg, size, False),
+        decode_size(tcfg, size, False),
+        size,
+        workers=1,
+        progress=False,
+    )
     assert not bad
     return images
 

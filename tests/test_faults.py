@@ -10,6 +10,7 @@ Time: a train.py process spends ~6-8 s importing and exiting, whatever it does. 
 start, meet their fault and exit do not depend on timing, so the `outcomes` fixture runs them side by side
 (JOBS at a time) and each test checks its own; the kill and Ctrl-C trials run alone.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -25,7 +26,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import tiny_state, REPO, TINY, make_folders, make_image, run_script, start_script, train_tiny
+from conftest import REPO, TINY, make_folders, make_image, run_script, start_script, tiny_state, train_tiny
 from geektime import checkpoint
 from geektime.predictions import read_predictions
 
@@ -51,12 +51,14 @@ COUNTS: Counter = Counter()
 def summary():
     yield
     bad = {k: v for k, v in COUNTS.items() if k.startswith("bad:")}
-    print(f"\nfault injection: {sum(bad.values())} bad inputs tried "
-          f"({', '.join(f'{k[4:]} {v}' for k, v in sorted(bad.items()))}); "
-          f"{COUNTS['kills survived']} kills survived ({COUNTS['SIGKILL']} SIGKILL, "
-          f"{COUNTS['SIGKILL during a checkpoint write']} of them during a checkpoint write, "
-          f"{COUNTS['SIGINT']} SIGINT); "
-          f"{COUNTS['checkpoints verified']} checkpoints verified")
+    print(
+        f"\nfault injection: {sum(bad.values())} bad inputs tried "
+        f"({', '.join(f'{k[4:]} {v}' for k, v in sorted(bad.items()))}); "
+        f"{COUNTS['kills survived']} kills survived ({COUNTS['SIGKILL']} SIGKILL, "
+        f"{COUNTS['SIGKILL during a checkpoint write']} of them during a checkpoint write, "
+        f"{COUNTS['SIGINT']} SIGINT); "
+        f"{COUNTS['checkpoints verified']} checkpoints verified"
+    )
 
 
 def out(proc) -> str:
@@ -92,6 +94,7 @@ def verify_checkpoints(run: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- tiny data and a shared run
 
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults")
@@ -118,14 +121,21 @@ def copy_run(base: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def three_classes(root) -> tuple[Path, Path]:
-    return make_folders(root / "three", classes=("blue", "green", "red"), train_per_class=2, val_per_class=1,
-                        colours=((40, 60, 200), (40, 200, 60), (200, 50, 40)))
+    return make_folders(
+        root / "three",
+        classes=("blue", "green", "red"),
+        train_per_class=2,
+        val_per_class=1,
+        colours=((40, 60, 200), (40, 200, 60), (200, 50, 40)),
+    )
 
 
 # ---------------------------------------------------------------- dirty image folders
 
+
 def png_bomb(path: Path, width: int, height: int) -> None:
     """A valid black 1-bit PNG of width x height pixels: a few KB on disk, far more pixels than it looks."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -133,8 +143,12 @@ def png_bomb(path: Path, width: int, height: int) -> None:
     row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
     data = b"".join(packer.compress(row * 1000) for _ in range(height // 1000)) + packer.compress(row * (height % 1000))
     data += packer.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", data)
+        + chunk(b"IEND", b"")
+    )
 
 
 def add_dirt(folder: Path) -> tuple[list[str], list[str]]:
@@ -166,8 +180,16 @@ def add_dirt(folder: Path) -> tuple[list[str], list[str]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # a phone photo: rotate 90 degrees to show it upright
     rgb.save(folder / "exif_rotated.jpg", quality=90, exif=exif)
-    odd = ["png_named.jpg", "gif_named.jpg", "palette.png", "gray.png", "cmyk.jpg", "sixteen_bit.png", "rgba.png",
-           "exif_rotated.jpg"]
+    odd = [
+        "png_named.jpg",
+        "gif_named.jpg",
+        "palette.png",
+        "gray.png",
+        "cmyk.jpg",
+        "sixteen_bit.png",
+        "rgba.png",
+        "exif_rotated.jpg",
+    ]
     assert Image.open(folder / "sixteen_bit.png").mode == "I;16" and Image.open(folder / "cmyk.jpg").mode == "CMYK"
 
     (folder / "notes.txt").write_text("labels from the scraper\n")  # no image extension: ignored
@@ -207,6 +229,7 @@ def unlisted(text: str, folder: Path, names: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- bad folders
 
+
 def empty_class(folder: Path) -> tuple[Path, Path, list[str]]:
     train, val = make_folders(folder, train_per_class=2, val_per_class=1)
     for split in (train, val):
@@ -228,8 +251,11 @@ def no_images(folder: Path) -> tuple[Path, Path, list[str]]:
 def val_classes_differ(folder: Path) -> tuple[Path, Path, list[str]]:
     train, val = make_folders(folder, train_per_class=2, val_per_class=1)
     (val / "red").rename(val / "green")
-    return train, val, [f"data.val_dir={val} has classes ['blue', 'green']", "['blue', 'red']",
-                        "same class sub-folders"]
+    return (
+        train,
+        val,
+        [f"data.val_dir={val} has classes ['blue', 'green']", "['blue', 'red']", "same class sub-folders"],
+    )
 
 
 BAD_FOLDERS = {f.__name__: f for f in (empty_class, no_images, val_classes_differ)}
@@ -242,6 +268,7 @@ BAD_CONFIGS = {
 
 
 # ---------------------------------------------------------------- malicious pickles
+
 
 class CreatesAFile:
     """Unpickling this opens `path` for writing, i.e. creates the file: code run by merely loading."""
@@ -284,12 +311,21 @@ def mixed_architectures(folder: Path, base_run: Path) -> Path:
     with initialize_config_dir(config_dir=str(find_conf_dir()), version_base="1.3"):
         effnet = to_plain(compose(config_name="train", overrides=["model=efficientnet_b0"]).model)
     model = build_model(OmegaConf.create(effnet), 2, (32, 32))
-    torch.save({**ckpt, "epoch": 2, "model": model.state_dict(), "optimizer": {},
-                "config": {**ckpt["config"], "model": effnet}}, folder / "epoch_002.pth")
+    torch.save(
+        {
+            **ckpt,
+            "epoch": 2,
+            "model": model.state_dict(),
+            "optimizer": {},
+            "config": {**ckpt["config"], "model": effnet},
+        },
+        folder / "epoch_002.pth",
+    )
     return folder
 
 
 # ---------------------------------------------------------------- the runs that only meet their fault and exit
+
 
 def run_dir(root: Path, case: str) -> Path:
     return root / "runs" / re.sub(r"[^\w.-]+", "_", case)  # no "=" or spaces in a Hydra override's value
@@ -302,33 +338,51 @@ def outcomes(root, clean, dirty, base_run, three_classes) -> dict:
     info: dict = {}
 
     def train(case: str, train_dir: Path, val_dir: Path, *extra: str) -> None:
-        commands[case] = ["train.py", *TINY, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
-                          f"hydra.run.dir={run_dir(root, case)}", *extra]
+        commands[case] = [
+            "train.py",
+            *TINY,
+            f"data.train_dir={train_dir}",
+            f"data.val_dir={val_dir}",
+            f"hydra.run.dir={run_dir(root, case)}",
+            *extra,
+        ]
 
     train("dirty error", dirty["train"], dirty["val"], "data.on_bad_image=error")
     train("dirty skip", dirty["train"], dirty["val"], "data.on_bad_image=skip", "trainer.epochs=1")
     for policy in ("error", "skip"):
         commands[f"evaluate dirty {policy}"] = [
-            "evaluate.py", f"checkpoint={base_run / 'epoch_001.pth'}", f"data.val_dir={dirty['val']}",
-            f"data.on_bad_image={policy}", f"out_dir={root / f'eval_{policy}'}", "trainer.threads=1"]
+            "evaluate.py",
+            f"checkpoint={base_run / 'epoch_001.pth'}",
+            f"data.val_dir={dirty['val']}",
+            f"data.on_bad_image={policy}",
+            f"out_dir={root / f'eval_{policy}'}",
+            "trainer.threads=1",
+        ]
     for case, make in BAD_FOLDERS.items():
         train_dir, val_dir, info[case] = make(root / "folders" / case)
         train(case, train_dir, val_dir)
     for override in BAD_CONFIGS:
         train(override, *clean, override)
 
-    for case, extra in (("resume another architecture", ["model=efficientnet_b0"]),
-                        ("resume another class count", [f"data.train_dir={three_classes[0]}",
-                                                        f"data.val_dir={three_classes[1]}"]),
-                        ("non-finite loss", ["optimizer.lr=1e30", "trainer.epochs=3"])):
+    for case, extra in (
+        ("resume another architecture", ["model=efficientnet_b0"]),
+        ("resume another class count", [f"data.train_dir={three_classes[0]}", f"data.val_dir={three_classes[1]}"]),
+        ("non-finite loss", ["optimizer.lr=1e30", "trainer.epochs=3"]),
+    ):
         info[case] = copy_run(base_run, root / "resumed" / case)
         commands[case] = ["train.py", f"trainer.resume={info[case]}", "trainer.epochs=2", *extra]
     commands["evaluate another class count"] = [
-        "evaluate.py", f"checkpoint={base_run / 'epoch_001.pth'}", f"data.val_dir={three_classes[1]}",
-        f"out_dir={root / 'eval_three'}"]
+        "evaluate.py",
+        f"checkpoint={base_run / 'epoch_001.pth'}",
+        f"data.val_dir={three_classes[1]}",
+        f"out_dir={root / 'eval_three'}",
+    ]
     info["evaluate mixed architectures"] = mixed_architectures(root / "mixed", base_run)
     commands["evaluate mixed architectures"] = [
-        "evaluate.py", f"checkpoint={info['evaluate mixed architectures']}", "trainer.threads=1"]
+        "evaluate.py",
+        f"checkpoint={info['evaluate mixed architectures']}",
+        "trainer.threads=1",
+    ]
 
     marker = root / "malicious" / "PWNED"
     files = {**malicious_checkpoints(root / "malicious", marker), "marker": marker}
@@ -343,9 +397,15 @@ def outcomes(root, clean, dirty, base_run, three_classes) -> dict:
 
 # ---------------------------------------------------------------- bad images through verify, training, evaluation
 
+
 def test_verify_lists_exactly_the_unusable_images(dirty):
-    proc = subprocess.run([sys.executable, "-m", "geektime.verify", str(dirty["train"])], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geektime.verify", str(dirty["train"])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     count_dirt(dirty)
     assert proc.returncode == 1, out(proc)
     red = dirty["train"] / "red"
@@ -405,10 +465,12 @@ def test_evaluate_on_bad_image_skip_reports_them_and_scores_the_rest(root, dirty
     assert f"{4 + len(dirty['odd'])} val images" in text
     scored = read_predictions(root / "eval_skip" / "epoch_001.txt").paths
     assert sorted(Path(p).relative_to(dirty["val"]).as_posix() for p in scored) == sorted(
-        [f"blue/{n}" for n in ("000.jpg", "001.jpg", *dirty["odd"])] + ["red/000.jpg", "red/001.jpg"])
+        [f"blue/{n}" for n in ("000.jpg", "001.jpg", *dirty["odd"])] + ["red/000.jpg", "red/001.jpg"]
+    )
 
 
 # ---------------------------------------------------------------- bad folders and configs
+
 
 @pytest.mark.parametrize("case", BAD_FOLDERS)
 def test_bad_folder_is_a_clear_error(root, outcomes, case):
@@ -474,8 +536,10 @@ def test_evaluate_on_a_folder_mixing_architectures_names_both(outcomes):
     proc, mixed = outcomes["evaluate mixed architectures"]
     COUNTS["bad:checkpoints"] += 1
     assert proc.returncode == 2, out(proc)
-    assert (f"{mixed / 'epoch_002.pth'} holds efficientnet_b0 with 2 classes ['blue', 'red']" in proc.stderr
-            and f"{mixed / 'epoch_001.pth'} holds {HOLDS}" in proc.stderr), proc.stderr
+    assert (
+        f"{mixed / 'epoch_002.pth'} holds efficientnet_b0 with 2 classes ['blue', 'red']" in proc.stderr
+        and f"{mixed / 'epoch_001.pth'} holds {HOLDS}" in proc.stderr
+    ), proc.stderr
     assert "evaluate them separately" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -533,13 +597,21 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
     for trial, when in enumerate(trials):
         log = root / f"killed_{trial}.log"
         if trial == 0:
-            args = [*TINY, f"data.train_dir={clean[0]}", f"data.val_dir={clean[1]}", f"hydra.run.dir={run}",
-                    f"trainer.epochs={epochs}", "trainer.save_interval=1"]
+            args = [
+                *TINY,
+                f"data.train_dir={clean[0]}",
+                f"data.val_dir={clean[1]}",
+                f"hydra.run.dir={run}",
+                f"trainer.epochs={epochs}",
+                "trainer.save_interval=1",
+            ]
         else:
             args = [f"trainer.resume={run}"]
         proc = start_script("train.py", *args, log=log, env={"GEEKTIME_SIGNAL_AT": when})
         try:
-            assert proc.wait(300) == -signal.SIGKILL, f"trial {trial} was not killed at {when}:\n{log.read_text()[-3000:]}"
+            assert proc.wait(300) == -signal.SIGKILL, (
+                f"trial {trial} was not killed at {when}:\n{log.read_text()[-3000:]}"
+            )
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -565,8 +637,10 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
         assert f"removed {len(torn)} temp file(s) of interrupted checkpoint saves" in out(proc)
     assert not [n for n in os.listdir(run) if TMP_CHECKPOINT.match(n)], "torn temp files are removed on resume"
     found = verify_checkpoints(run)
-    assert found["last.pth"] == epochs and sorted(found) == [*(checkpoint.epoch_name(e) for e in range(1, epochs + 1)),
-                                                             "last.pth"]
+    assert found["last.pth"] == epochs and sorted(found) == [
+        *(checkpoint.epoch_name(e) for e in range(1, epochs + 1)),
+        "last.pth",
+    ]
     rows = (run / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, epochs + 1))
     print(f"{kills} kills survived, {COUNTS['checkpoints verified']} checkpoints verified so far")
@@ -587,8 +661,13 @@ def test_ctrl_c_says_which_epoch_a_resume_starts_at_and_resume_finishes(tmp_path
     run = copy_run(base_run, tmp_path / "run")
     log = tmp_path / "interrupted.log"
     # 2 steps an epoch: the resumed run's 3rd step is the first of epoch 3, after epoch 2 was saved.
-    proc = start_script("train.py", f"trainer.resume={run}", "trainer.epochs=4", log=log,
-                        env={"GEEKTIME_SIGNAL_AT": "train_step:3:SIGINT"})
+    proc = start_script(
+        "train.py",
+        f"trainer.resume={run}",
+        "trainer.epochs=4",
+        log=log,
+        env={"GEEKTIME_SIGNAL_AT": "train_step:3:SIGINT"},
+    )
     try:
         code = proc.wait(300)
     finally:
@@ -612,6 +691,7 @@ def test_ctrl_c_says_which_epoch_a_resume_starts_at_and_resume_finishes(tmp_path
 
 # ---------------------------------------------------------------- a full or read-only disk
 
+
 def test_disk_full_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, base_run):
     """A real failed write(): train.py runs under RLIMIT_FSIZE, so writing the ~90 MB checkpoint fails with EFBIG,
     the same path as ENOSPC on a full disk. (A small tmpfs would need mount privileges; chmod does not stop root.)
@@ -622,12 +702,20 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, bas
     def small_files_only():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"trainer.resume={run}", "trainer.epochs=2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files_only)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"trainer.resume={run}", "trainer.epochs=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files_only,
+    )
     COUNTS["bad:faults (NaN loss, full or read-only disk)"] += 1
     assert proc.returncode == 2, out(proc)
-    assert f"error: [Errno {errno.EFBIG}] could not write checkpoint {run / 'epoch_002.pth'}: File too large" \
-           in proc.stderr, proc.stderr
+    assert (
+        f"error: [Errno {errno.EFBIG}] could not write checkpoint {run / 'epoch_002.pth'}: File too large"
+        in proc.stderr
+    ), proc.stderr
     assert "Free disk space or make the run folder writable; the previous checkpoints are intact" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert shas(run) == shas(base_run)
@@ -673,8 +761,10 @@ def test_save_atomic_on_a_full_or_read_only_disk_keeps_the_previous_checkpoint(t
         tmp_path.chmod(0o555)
         expected = os.strerror(errno.EACCES)
     else:
+
         def read_only(*args, **kwargs):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
+
         monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
         expected = os.strerror(errno.EROFS)
     try:

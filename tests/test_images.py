@@ -1,4 +1,5 @@
 """geektime.images on real files: every kind of dirty image a scraped folder holds, built with Pillow."""
+
 from __future__ import annotations
 
 import io
@@ -47,6 +48,7 @@ def assert_close(actual, expected, tol=1):
 
 
 # ---------------------------------------------------------------- unusable files
+
 
 def reason_of(path) -> str:
     with pytest.raises(BadImageError) as info:
@@ -102,7 +104,7 @@ def test_corrupt_png_data(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     start = data.index(b"IDAT") + 4
-    data[start:start + 20] = b"\xff" * 20  # zlib stream garbage, header intact
+    data[start : start + 20] = b"\xff" * 20  # zlib stream garbage, header intact
     path = tmp_path / "broken.png"
     path.write_bytes(bytes(data))
     assert "corrupt" in reason_of(path)
@@ -138,6 +140,7 @@ def test_bad_image_error_names_file_reason_and_fix(tmp_path):
 
 
 # ---------------------------------------------------------------- every mode to 8-bit RGB
+
 
 def test_rgb_jpeg(tmp_path):
     path = tmp_path / "a.jpg"
@@ -233,6 +236,7 @@ def test_cmyk_jpeg(tmp_path):
 
 # ---------------------------------------------------------------- orientation and draft mode
 
+
 def marked_jpeg(path, size, orientation=None):
     """Blue image with a red block in the stored top-left corner."""
     img = Image.new("RGB", size, (0, 0, 255))
@@ -291,6 +295,7 @@ def test_load_rgb_is_picklable_for_dataloader_workers():
 
 # ---------------------------------------------------------------- listing and scanning
 
+
 def test_list_images_skips_hidden_and_survives_symlink_loops(tmp_path):
     root = tmp_path / "data"
     for rel in ["cat/a.jpg", "cat/B.JPG", "cat/c.Png", "dog/sub/d.webp", "dog/e.tiff"]:
@@ -311,12 +316,23 @@ def test_list_images_skips_hidden_and_survives_symlink_loops(tmp_path):
     found = list_images(root)
     assert found == sorted(found)
     assert [p.relative_to(root).as_posix() for p in found] == [
-        "bird/f.gif", "cat/B.JPG", "cat/a.jpg", "cat/c.Png", "cat/dangling.jpg", "dog/e.tiff", "dog/sub/d.webp"]
+        "bird/f.gif",
+        "cat/B.JPG",
+        "cat/a.jpg",
+        "cat/c.Png",
+        "cat/dangling.jpg",
+        "dog/e.tiff",
+        "dog/sub/d.webp",
+    ]
     skipped = {p.relative_to(root).as_posix(): why for p, why in walk_files(root) if why}
-    assert skipped == {"cat/.DS_Store": "hidden, skipped", "cat/._a.jpg": "hidden, skipped",
-                       ".cache": "hidden, skipped", "dog/.git": "hidden, skipped",
-                       "dog/sub/loop": "symlink up the tree (a loop, or other folders read as this one), skipped",
-                       "cat/self": "symlink up the tree (a loop, or other folders read as this one), skipped"}
+    assert skipped == {
+        "cat/.DS_Store": "hidden, skipped",
+        "cat/._a.jpg": "hidden, skipped",
+        ".cache": "hidden, skipped",
+        "dog/.git": "hidden, skipped",
+        "dog/sub/loop": "symlink up the tree (a loop, or other folders read as this one), skipped",
+        "cat/self": "symlink up the tree (a loop, or other folders read as this one), skipped",
+    }
     assert reason_of(root / "cat" / "dangling.jpg").startswith("cannot read the file: No such file")
 
 
@@ -343,11 +359,17 @@ def test_folder_links_up_or_back_into_the_split_are_not_read_as_this_class(tmp_p
     root = split_with_links(tmp_path)
     folder = open_folder("data.train_dir", root)
     labelled = sorted((Path(p).relative_to(root).as_posix(), folder.classes[t]) for p, t in folder.samples)
-    assert labelled == [("ants/a1.png", "ants"), ("ants/a2.png", "ants"), ("ants/more/x.png", "ants"),
-                        ("bees/b1.png", "bees"), ("bees/sub/b2.png", "bees")]
+    assert labelled == [
+        ("ants/a1.png", "ants"),
+        ("ants/a2.png", "ants"),
+        ("ants/more/x.png", "ants"),
+        ("bees/b1.png", "bees"),
+        ("bees/sub/b2.png", "bees"),
+    ]
     warned = {r.getMessage().split(": ", 1)[0] for r in caplog.records if r.levelname == "WARNING"}
-    assert warned == {str(root / rel) for rel in ["ants/loop", "ants/split", "ants/above", "ants/alias",
-                                                   "bees/more", "wasps"]}
+    assert warned == {
+        str(root / rel) for rel in ["ants/loop", "ants/split", "ants/above", "ants/alias", "bees/more", "wasps"]
+    }
 
 
 def test_list_split_and_walk_files_agree_on_every_file(tmp_path):
@@ -368,7 +390,8 @@ def test_list_split_and_walk_files_agree_on_every_file(tmp_path):
     # a folder reached through an outside link may link back up to the data folder
     (tmp_path / "extra" / "back").symlink_to(root)
     assert dict(list_split(root)[1])[root / "ants" / "more" / "back"] == (
-        "symlink up the tree (a loop, or other folders read as this one), skipped")
+        "symlink up the tree (a loop, or other folders read as this one), skipped"
+    )
 
 
 def test_class_folder_names_that_cannot_be_shown_are_refused_before_training(tmp_path):
@@ -383,7 +406,8 @@ def test_class_folder_names_that_cannot_be_shown_are_refused_before_training(tmp
         open_folder("data.train_dir", root)
     assert str(info.value) == (
         f"{root}: class folder name(s) caf%E9, two%0Alines hold a line break, tab, control character or bytes that "
-        "are not UTF-8 (shown as %XX); rename the folder(s) to use them as classes.")
+        "are not UTF-8 (shown as %XX); rename the folder(s) to use them as classes."
+    )
 
 
 def test_class_folders_with_spaces_are_classes(tmp_path):
@@ -437,6 +461,7 @@ def test_scan_images_progress_bar_goes_to_stderr(tmp_path, capsys):
 
 # ---------------------------------------------------------------- shapes no transform can use
 
+
 def strip_png(path, size):
     Image.new("RGB", size, (200, 10, 10)).save(path, optimize=True)
     return path
@@ -465,7 +490,10 @@ def test_elongated_but_usable_images_pass(tmp_path, size):
 def test_aspect_limit_can_be_raised_and_workers_see_it(tmp_path, monkeypatch, workers):
     paths = [strip_png(tmp_path / f"{i}.png", (2000, 1)) for i in range(2)]
     assert [r for _, r in scan_images(paths, workers=workers, progress=False)] == [
-        ("extreme aspect ratio 2000x1 (more than 20:1): fitted to the model's input it would be a thin line or a "
-         "sliver of the picture. Crop it, or raise geektime.images.MAX_ASPECT_RATIO if such images are legitimate")] * 2
+        (
+            "extreme aspect ratio 2000x1 (more than 20:1): fitted to the model's input it would be a thin line or a "
+            "sliver of the picture. Crop it, or raise geektime.images.MAX_ASPECT_RATIO if such images are legitimate"
+        )
+    ] * 2
     monkeypatch.setattr(images, "MAX_ASPECT_RATIO", 5000)
     assert scan_images(paths, workers=workers, progress=False) == []

@@ -1,4 +1,5 @@
 """The lr finder: its schedule, smoothing and early stop, fastai's suggestions, the restore, and the CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2),
-                         nn.Linear(4 * 6 * 6, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 6 * 6, 2)
+    )
 
 
 def tiny_loader(count: int = 24, batch_size: int = 8, seed: int = 0) -> DataLoader:
@@ -57,11 +59,15 @@ def tiny_loader(count: int = 24, batch_size: int = 8, seed: int = 0) -> DataLoad
 
 def two_group_sgd(model: nn.Module, head_lr: float = 0.1, body_lr: float = 0.001) -> torch.optim.SGD:
     *body, head = list(model.children())
-    return torch.optim.SGD([{"params": nn.Sequential(*body).parameters(), "lr": body_lr},
-                            {"params": head.parameters(), "lr": head_lr}], lr=head_lr, momentum=0.9)
+    return torch.optim.SGD(
+        [{"params": nn.Sequential(*body).parameters(), "lr": body_lr}, {"params": head.parameters(), "lr": head_lr}],
+        lr=head_lr,
+        momentum=0.9,
+    )
 
 
 # ---------------------------------------------------------------- schedule and smoothing
+
 
 def test_sweep_lrs_follow_the_exponential_formula():
     lrs = sweep_lrs(1e-7, 10.0, 100)
@@ -78,8 +84,18 @@ def test_each_group_gets_the_step_lr_times_its_own_factor():
     optimizer = two_group_sgd(model, head_lr=0.1, body_lr=0.001)
     seen = []
     optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups]))
-    sweep = find_lr(model, tiny_loader(), optimizer, nn.CrossEntropyLoss(), to_float, torch.device("cpu"),
-                    start_lr=1e-4, end_lr=1e-1, num_it=7, show_progress=False)
+    sweep = find_lr(
+        model,
+        tiny_loader(),
+        optimizer,
+        nn.CrossEntropyLoss(),
+        to_float,
+        torch.device("cpu"),
+        start_lr=1e-4,
+        end_lr=1e-1,
+        num_it=7,
+        show_progress=False,
+    )
     assert len(sweep.lrs) == 7, "7 steps from a loader of 3 batches: more than two passes"
     np.testing.assert_allclose(sweep.lrs, sweep_lrs(1e-4, 1e-1, 7), rtol=1e-12)
     np.testing.assert_allclose([head for _, head in seen], sweep.lrs, rtol=1e-12)
@@ -99,8 +115,18 @@ def test_smoothing_is_the_debiased_moving_average():
 def test_recorded_smoothed_losses_follow_the_recorded_losses():
     torch.manual_seed(0)
     model = tiny_net()
-    sweep = find_lr(model, tiny_loader(), two_group_sgd(model), nn.CrossEntropyLoss(), to_float,
-                    torch.device("cpu"), start_lr=1e-5, end_lr=1e-2, num_it=10, show_progress=False)
+    sweep = find_lr(
+        model,
+        tiny_loader(),
+        two_group_sgd(model),
+        nn.CrossEntropyLoss(),
+        to_float,
+        torch.device("cpu"),
+        start_lr=1e-5,
+        end_lr=1e-2,
+        num_it=10,
+        show_progress=False,
+    )
     smoother = SmoothedLoss()
     assert sweep.smoothed == pytest.approx([smoother.update(v) for v in sweep.losses], rel=1e-12)
     assert not sweep.stopped_early and len(sweep.losses) == 10
@@ -108,17 +134,28 @@ def test_recorded_smoothed_losses_follow_the_recorded_losses():
 
 # ---------------------------------------------------------------- early stop
 
+
 def test_stops_when_the_smoothed_loss_passes_four_times_its_minimum():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sweep = find_lr(model, tiny_loader(count=64), optimizer, nn.CrossEntropyLoss(), lambda x: x.float(),
-                    torch.device("cpu"), start_lr=1e-4, end_lr=1e4, num_it=100, show_progress=False)
+    sweep = find_lr(
+        model,
+        tiny_loader(count=64),
+        optimizer,
+        nn.CrossEntropyLoss(),
+        lambda x: x.float(),
+        torch.device("cpu"),
+        start_lr=1e-4,
+        end_lr=1e4,
+        num_it=100,
+        show_progress=False,
+    )
     assert sweep.stopped_early and len(sweep.lrs) < 100
     smoothed = np.array(sweep.smoothed)
     if math.isfinite(sweep.losses[-1]):
         assert smoothed[-1] > 4 * smoothed[:-1].min()
-    assert all(smoothed[i] <= 4 * smoothed[:i + 1].min() for i in range(len(smoothed) - 1)), "not earlier"
+    assert all(smoothed[i] <= 4 * smoothed[: i + 1].min() for i in range(len(smoothed) - 1)), "not earlier"
 
 
 def test_stops_at_the_first_non_finite_loss():
@@ -130,13 +167,24 @@ def test_stops_at_the_first_non_finite_loss():
         return loss * math.inf if len(calls) == 4 else loss
 
     model = tiny_net()
-    sweep = find_lr(model, tiny_loader(), two_group_sgd(model), criterion, to_float, torch.device("cpu"),
-                    start_lr=1e-5, end_lr=1e-3, num_it=20, show_progress=False)
+    sweep = find_lr(
+        model,
+        tiny_loader(),
+        two_group_sgd(model),
+        criterion,
+        to_float,
+        torch.device("cpu"),
+        start_lr=1e-5,
+        end_lr=1e-3,
+        num_it=20,
+        show_progress=False,
+    )
     assert len(sweep.losses) == 4 and sweep.stopped_early
     assert math.isinf(sweep.losses[-1]) and all(math.isfinite(v) for v in sweep.losses[:-1])
 
 
 # ---------------------------------------------------------------- restore
+
 
 def test_model_optimizer_grads_modes_and_rng_restored_bit_for_bit():
     torch.manual_seed(0)
@@ -149,8 +197,10 @@ def test_model_optimizer_grads_modes_and_rng_restored_bit_for_bit():
     model[1].train()  # a mix of modes
     model_before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = optimizer.state_dict()
-    opt_before = {"state": {k: {n: t.clone() for n, t in s.items()} for k, s in opt_before["state"].items()},
-                  "param_groups": [dict(g) for g in opt_before["param_groups"]]}
+    opt_before = {
+        "state": {k: {n: t.clone() for n, t in s.items()} for k, s in opt_before["state"].items()},
+        "param_groups": [dict(g) for g in opt_before["param_groups"]],
+    }
     grads_before = [p.grad.clone() for p in model.parameters()]
     modes_before = [m.training for m in model.modules()]
     random.seed(5)
@@ -161,8 +211,18 @@ def test_model_optimizer_grads_modes_and_rng_restored_bit_for_bit():
     np.random.seed(5)
     torch.manual_seed(5)
 
-    sweep = find_lr(model, loader, optimizer, nn.CrossEntropyLoss(), to_float, torch.device("cpu"),
-                    start_lr=1e-3, end_lr=1.0, num_it=8, show_progress=False)
+    sweep = find_lr(
+        model,
+        loader,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        to_float,
+        torch.device("cpu"),
+        start_lr=1e-3,
+        end_lr=1.0,
+        num_it=8,
+        show_progress=False,
+    )
 
     assert len(sweep.lrs) >= 2, "the sweep took steps (it changed the weights before restoring them)"
     assert (random.random(), np.random.rand()) == expected_draws[:2]
@@ -180,6 +240,7 @@ def test_model_optimizer_grads_modes_and_rng_restored_bit_for_bit():
 
 
 # ---------------------------------------------------------------- the suggestions
+
 
 @pytest.mark.parametrize("name", sorted(FASTAI["curves"]))
 def test_suggestions_read_the_same_steps_as_fastai(name):
@@ -220,36 +281,48 @@ def test_rules_by_hand():
 
 
 def test_lr_find_config_errors_name_the_key():
-    good = {"start_lr": 1e-7, "end_lr": 10, "num_it": 100, "stop_factor": 4, "suggestion": "valley",
-            "phase": "frozen"}
+    good = {"start_lr": 1e-7, "end_lr": 10, "num_it": 100, "stop_factor": 4, "suggestion": "valley", "phase": "frozen"}
     validate_lr_find_config(OmegaConf.create(good))
-    for key, value, said in (("end_lr", 1e-8, "lr_find.start_lr"), ("num_it", 3, "lr_find.num_it"),
-                             ("suggestion", "best", "lr_find.suggestion"), ("stop_factor", 1, "lr_find.stop_factor"),
-                             ("phase", "half", "lr_find.phase"), ("start_lr", -1, "lr_find.start_lr")):
+    for key, value, said in (
+        ("end_lr", 1e-8, "lr_find.start_lr"),
+        ("num_it", 3, "lr_find.num_it"),
+        ("suggestion", "best", "lr_find.suggestion"),
+        ("stop_factor", 1, "lr_find.stop_factor"),
+        ("phase", "half", "lr_find.phase"),
+        ("start_lr", -1, "lr_find.start_lr"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(said)):
             validate_lr_find_config(OmegaConf.create({**good, key: value}))
 
 
 # ---------------------------------------------------------------- the CLI
 
+
 def run_lr_find(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "geektime.lr_find", *args], check=False, cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "geektime.lr_find", *args],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
 
 
 @pytest.mark.slow
 def test_cli_writes_curve_files_and_an_override_train_accepts(folders, tmp_path):
     train_dir, val_dir = folders
     run_dir = tmp_path / "lr_find"
-    proc = run_lr_find(*TINY, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", "lr_find.num_it=20",
-                       f"hydra.run.dir={run_dir}")
+    proc = run_lr_find(
+        *TINY, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", "lr_find.num_it=20", f"hydra.run.dir={run_dir}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     lrs, losses, smoothed = read_csv(run_dir / "lr_find.csv")
     result = json.loads((run_dir / "lr_find.json").read_text())
     assert len(lrs) == result["steps_taken"] >= 6 and result["stopped_early"] == (len(lrs) < 20)
-    np.testing.assert_allclose(lrs, sweep_lrs(1e-7, 10.0, 20)[:len(lrs)], rtol=1e-12)
+    np.testing.assert_allclose(lrs, sweep_lrs(1e-7, 10.0, 20)[: len(lrs)], rtol=1e-12)
     smoother = SmoothedLoss()
     np.testing.assert_allclose(smoothed, [smoother.update(v) for v in losses], rtol=1e-12)
     assert result["suggested"] == "valley" and result["num_it"] == 20
@@ -271,18 +344,34 @@ def test_cli_writes_curve_files_and_an_override_train_accepts(folders, tmp_path)
 @pytest.mark.slow
 def test_cli_refuses_torchrun(folders, tmp_path):
     train_dir, val_dir = folders
-    proc = run_lr_find(*TINY, f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
-                       f"hydra.run.dir={tmp_path / 'r'}", env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    proc = run_lr_find(
+        *TINY,
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+    )
     assert proc.returncode == 2
     assert "error: lr_find runs in one process" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def finetune_cfg(name: str, epochs: int = 5) -> OmegaConf:
-    return OmegaConf.create({
-        "model": {"family": "resnet"}, "trainer": {"epochs": epochs}, "scheduler": {"pct_start": 0.25},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False},
-        "finetune": {"name": name, "freeze_epochs": 1, "freeze_bn": True, "lr_mult": 100.0,
-                     "unfrozen_lr_factor": 0.5, "frozen_pct_start": 0.99}})
+    return OmegaConf.create(
+        {
+            "model": {"family": "resnet"},
+            "trainer": {"epochs": epochs},
+            "scheduler": {"pct_start": 0.25},
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False},
+            "finetune": {
+                "name": name,
+                "freeze_epochs": 1,
+                "freeze_bn": True,
+                "lr_mult": 100.0,
+                "unfrozen_lr_factor": 0.5,
+                "frozen_pct_start": 0.99,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("phase_name", ["frozen", "unfrozen"])

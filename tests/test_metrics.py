@@ -72,8 +72,12 @@ def test_report_matches_hand_computed_values(hand_txt):
 
 def test_class_never_predicted_scores_zero_without_warning():
     pred = Predictions(
-        classes=["a", "b"], probs=np.array([[0.9, 0.1], [0.8, 0.2]]), targets=np.array([0, 1]),
-        predicted=np.array([0, 0]), paths=["1.jpg", "2.jpg"], header={},
+        classes=["a", "b"],
+        probs=np.array([[0.9, 0.1], [0.8, 0.2]]),
+        targets=np.array([0, 1]),
+        predicted=np.array([0, 0]),
+        paths=["1.jpg", "2.jpg"],
+        header={},
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -93,7 +97,9 @@ def test_confusion_text_and_formatted_report(hand_txt):
     lines = confusion_matrix_text(report).splitlines()
     assert lines[0].split() == ["true", "\\", "predicted", "cat", "dog", "bird"]
     assert [line.split() for line in lines[1:]] == [
-        ["cat", "2", "1", "0"], ["dog", "0", "3", "1"], ["bird", "0", "1", "1"]
+        ["cat", "2", "1", "0"],
+        ["dog", "0", "3", "1"],
+        ["bird", "0", "1", "1"],
     ]
     text = format_report(report)
     assert text.startswith("accuracy 0.66667 on 9 labeled images (1 unlabeled left out)")
@@ -186,21 +192,39 @@ def test_select_best_validates_arguments(epoch_rows, kwargs, message):
 def test_epoch_table_csv_and_text(epoch_rows, tmp_path):
     table = epoch_table(epoch_rows)
     assert list(table[0]) == [
-        "checkpoint", "epoch", "accuracy", "logo_precision", "logo_recall", "others_precision", "others_recall"
+        "checkpoint",
+        "epoch",
+        "accuracy",
+        "logo_precision",
+        "logo_recall",
+        "others_precision",
+        "others_recall",
     ]
     assert [row["epoch"] for row in table] == [4, 3, 2, 1]
     # Epoch 3: logo 9/14, 9/10; others: 5 right of the 6 predicted, of 10.
     assert table[1] == pytest.approx(
-        {"checkpoint": "run/epoch_003.pth", "epoch": 3, "accuracy": 14 / 20, "logo_precision": 9 / 14,
-         "logo_recall": 0.9, "others_precision": 5 / 6, "others_recall": 0.5}
+        {
+            "checkpoint": "run/epoch_003.pth",
+            "epoch": 3,
+            "accuracy": 14 / 20,
+            "logo_precision": 9 / 14,
+            "logo_recall": 0.9,
+            "others_precision": 5 / 6,
+            "others_recall": 0.5,
+        }
     )
     csv_path = tmp_path / "epochs.csv"
     write_table_csv(table, csv_path)
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert rows[1] == {
-        "checkpoint": "run/epoch_003.pth", "epoch": "3", "accuracy": "0.70000", "logo_precision": "0.64286",
-        "logo_recall": "0.90000", "others_precision": "0.83333", "others_recall": "0.50000",
+        "checkpoint": "run/epoch_003.pth",
+        "epoch": "3",
+        "accuracy": "0.70000",
+        "logo_precision": "0.64286",
+        "logo_recall": "0.90000",
+        "others_precision": "0.83333",
+        "others_recall": "0.50000",
     }
     text = format_table(table).splitlines()
     assert text[0].split() == list(table[0])
@@ -218,8 +242,17 @@ def test_epoch_table_rejects_mixed_classes(epoch_rows, hand_txt):
 THRESHOLD_TXT = "# classes: logo others\n" + "".join(
     f"{s:.5f} {1 - s:.5f} {truth} {'1 0' if s >= 0.5 else '0 1'} img{i}.jpg\n"
     for i, (s, truth) in enumerate(
-        [(0.9, "1 0"), (0.8, "0 1"), (0.7, "1 0"), (0.6, "1 0"), (0.6, "0 1"), (0.4, "0 1"), (0.3, "1 0"),
-         (0.2, "0 1"), (0.95, "0 0")]
+        [
+            (0.9, "1 0"),
+            (0.8, "0 1"),
+            (0.7, "1 0"),
+            (0.6, "1 0"),
+            (0.6, "0 1"),
+            (0.4, "0 1"),
+            (0.3, "1 0"),
+            (0.2, "0 1"),
+            (0.95, "0 0"),
+        ]
     )
 )
 
@@ -267,7 +300,7 @@ def test_threshold_for_target(threshold_pred, target, threshold):
     assert found["threshold"] == pytest.approx(threshold)
     row = [r for r in threshold_table(threshold_pred, "logo") if r[0] == found["threshold"]][0]
     assert (found["precision"], found["recall"]) == row[1:]
-    (name, value), = target.items()
+    ((name, value),) = target.items()
     assert found[name] == value and found["positive"] == "logo"
 
 
@@ -318,8 +351,12 @@ def test_threshold_for_validates_targets(threshold_pred, kwargs, message):
 
 def test_threshold_needs_a_labeled_positive(threshold_pred):
     no_logo = Predictions(
-        threshold_pred.classes, threshold_pred.probs, np.where(threshold_pred.targets == 0, 1, threshold_pred.targets),
-        threshold_pred.predicted, threshold_pred.paths, {},
+        threshold_pred.classes,
+        threshold_pred.probs,
+        np.where(threshold_pred.targets == 0, 1, threshold_pred.targets),
+        threshold_pred.predicted,
+        threshold_pred.paths,
+        {},
     )
     with pytest.raises(ValueError, match="no labeled image of class 'logo'"):
         threshold_table(no_logo, "logo")
@@ -357,16 +394,24 @@ def test_scores_equal_scikit_learn_on_random_confusions():
         got = scores(confusion_matrix(targets, predicted, len(classes)), classes)
         p, r, f, s = precision_recall_fscore_support(targets, predicted, labels=range(len(classes)), zero_division=0)
         for i, name in enumerate(classes):
-            assert (got[f"{name}_precision"], got[f"{name}_recall"], got[f"{name}_f1"]) == pytest.approx((p[i], r[i], f[i]))
+            assert (got[f"{name}_precision"], got[f"{name}_recall"], got[f"{name}_f1"]) == pytest.approx(
+                (p[i], r[i], f[i])
+            )
             assert got[f"{name}_support"] == s[i]
-        assert got["macro_recall"] == pytest.approx(r.mean()) and got["accuracy"] == pytest.approx((targets == predicted).mean())
+        assert got["macro_recall"] == pytest.approx(r.mean()) and got["accuracy"] == pytest.approx(
+            (targets == predicted).mean()
+        )
 
 
 def test_pick_best_is_the_one_rule_for_best():
     from geektime.metrics import pick_best
 
-    rows = [{"epoch": 1, "val_acc": 0.8, "val_loss": 0.5}, {"epoch": 2, "val_acc": float("nan"), "val_loss": 0.4},
-            {"epoch": 3, "val_acc": 0.8, "val_loss": 0.3}, {"epoch": 4, "val_loss": 0.3}]
+    rows = [
+        {"epoch": 1, "val_acc": 0.8, "val_loss": 0.5},
+        {"epoch": 2, "val_acc": float("nan"), "val_loss": 0.4},
+        {"epoch": 3, "val_acc": 0.8, "val_loss": 0.3},
+        {"epoch": 4, "val_loss": 0.3},
+    ]
     assert pick_best(rows, "val_acc")["epoch"] == 1  # NaN never wins; ties go to the earlier epoch
     assert pick_best(rows, "val_loss")["epoch"] == 3  # a loss is best lowest
     assert pick_best(rows, "val_acc", {"val_loss": 0.0}) is not None

@@ -1,4 +1,5 @@
 """geektime.openimages on a miniature set of Open Images CSV files, images served from 127.0.0.1."""
+
 from __future__ import annotations
 
 import base64
@@ -16,9 +17,13 @@ from geektime.download import LOG_NAME
 from geektime.openimages import main, rotate_box
 
 RED, BLUE = (220, 30, 30), (30, 60, 220)
-BOX_HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
-IMAGE_HEADER = ("ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,Author,Title,OriginalSize,"
-                "OriginalMD5,Thumbnail300KURL,Rotation")
+BOX_HEADER = (
+    "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
+)
+IMAGE_HEADER = (
+    "ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,Author,Title,OriginalSize,"
+    "OriginalMD5,Thumbnail300KURL,Rotation"
+)
 
 
 def jpeg(pixels: np.ndarray) -> bytes:
@@ -41,8 +46,13 @@ def red_left_blue_right() -> bytes:
     return jpeg(pixels)
 
 
-IMAGES = {"c1": square_on_blue(), "c2": red_left_blue_right(), "c3": square_on_blue(), "d1": red_left_blue_right(),
-          "f1": square_on_blue()}
+IMAGES = {
+    "c1": square_on_blue(),
+    "c2": red_left_blue_right(),
+    "c3": square_on_blue(),
+    "d1": red_left_blue_right(),
+    "f1": square_on_blue(),
+}
 
 
 def md5_b64(data: bytes) -> str:
@@ -59,25 +69,47 @@ def oi(tmp_path):
             server.routes[f"/mirror/{subset}/{image_id}.jpg"] = Route(data, content_type="image/jpeg")
         meta = tmp_path / "meta"
         meta.mkdir()
-        (meta / "class-descriptions-boxable.csv").write_text("/m/cat,Cat\n/m/dog,Dog\n/m/fish,Fish\n/m/catfish,Catfish\n")
-        boxes = [("c1", "/m/cat", 0.25, 0.75, 0.25, 0.75), ("f1", "/m/fish", 0, 1, 0, 1),
-                 ("c1", "/m/cat", 0.0, 0.5, 0.0, 0.5), ("c2", "/m/cat", 0.0, 0.5, 0.0, 1.0),
-                 ("c3", "/m/cat", 0, 1, 0, 1), ("c4", "/m/cat", 0, 1, 0, 1), ("c1", "/m/cat", 0.1, 0.15, 0.1, 0.15)]
-        (meta / "train-annotations-bbox.csv").write_text(BOX_HEADER + "\n" + "".join(
-            f"{i},xclick,{label},1,{x0},{x1},{y0},{y1},0,0,0,0,0\n" for i, label, x0, x1, y0, y1 in boxes))
+        (meta / "class-descriptions-boxable.csv").write_text(
+            "/m/cat,Cat\n/m/dog,Dog\n/m/fish,Fish\n/m/catfish,Catfish\n"
+        )
+        boxes = [
+            ("c1", "/m/cat", 0.25, 0.75, 0.25, 0.75),
+            ("f1", "/m/fish", 0, 1, 0, 1),
+            ("c1", "/m/cat", 0.0, 0.5, 0.0, 0.5),
+            ("c2", "/m/cat", 0.0, 0.5, 0.0, 1.0),
+            ("c3", "/m/cat", 0, 1, 0, 1),
+            ("c4", "/m/cat", 0, 1, 0, 1),
+            ("c1", "/m/cat", 0.1, 0.15, 0.1, 0.15),
+        ]
+        (meta / "train-annotations-bbox.csv").write_text(
+            BOX_HEADER
+            + "\n"
+            + "".join(f"{i},xclick,{label},1,{x0},{x1},{y0},{y1},0,0,0,0,0\n" for i, label, x0, x1, y0, y1 in boxes)
+        )
         (meta / "validation-annotations-bbox.csv").write_text(BOX_HEADER + "\nd1,xclick,/m/dog,1,0,1,0,1,0,0,0,0,0\n")
 
         def image_row(image_id, subset, md5, rotation):
-            return (f"{image_id},{subset},{server.url}/flickr/{image_id}.jpg,https://flickr.example/{image_id},"
-                    f"https://creativecommons.org/licenses/by/2.0/,,someone,\"a, title\",1000,{md5},,{rotation}\n")
-        (meta / "train-images-boxable-with-rotation.csv").write_text(IMAGE_HEADER + "\n" + "".join([
-            image_row("f1", "train", md5_b64(IMAGES["f1"]), "0.0"),
-            image_row("c1", "train", md5_b64(IMAGES["c1"]), ""),
-            image_row("c2", "train", md5_b64(IMAGES["c2"]), "90.0"),
-            image_row("c3", "train", md5_b64(b"other bytes"), "nan"),
-            image_row("c4", "train", md5_b64(b"x"), "0.0")]))
+            return (
+                f"{image_id},{subset},{server.url}/flickr/{image_id}.jpg,https://flickr.example/{image_id},"
+                f'https://creativecommons.org/licenses/by/2.0/,,someone,"a, title",1000,{md5},,{rotation}\n'
+            )
+
+        (meta / "train-images-boxable-with-rotation.csv").write_text(
+            IMAGE_HEADER
+            + "\n"
+            + "".join(
+                [
+                    image_row("f1", "train", md5_b64(IMAGES["f1"]), "0.0"),
+                    image_row("c1", "train", md5_b64(IMAGES["c1"]), ""),
+                    image_row("c2", "train", md5_b64(IMAGES["c2"]), "90.0"),
+                    image_row("c3", "train", md5_b64(b"other bytes"), "nan"),
+                    image_row("c4", "train", md5_b64(b"x"), "0.0"),
+                ]
+            )
+        )
         (meta / "validation-images-with-rotation.csv").write_text(
-            IMAGE_HEADER + "\n" + image_row("d1", "validation", md5_b64(IMAGES["d1"]), "180.0"))
+            IMAGE_HEADER + "\n" + image_row("d1", "validation", md5_b64(IMAGES["d1"]), "180.0")
+        )
         yield server, meta
 
 
@@ -125,8 +157,25 @@ def test_whole_images_md5_and_rotation(oi, tmp_path, capsys):
 def test_crops_from_mirror(oi, tmp_path, capsys):
     server, meta = oi
     dest = tmp_path / "out"
-    assert main(["--classes", "Cat,Dog", "--meta", str(meta), "--dest", str(dest), "--crop", "--quiet",
-                 "--base-url", f"{server.url}/mirror/", "--max-per-class", "2"]) == 0
+    assert (
+        main(
+            [
+                "--classes",
+                "Cat,Dog",
+                "--meta",
+                str(meta),
+                "--dest",
+                str(dest),
+                "--crop",
+                "--quiet",
+                "--base-url",
+                f"{server.url}/mirror/",
+                "--max-per-class",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "3 images: Cat 2, Dog 1" in out
     assert "passed over 1 under 16 px" in out  # c1's third box is 5 x 5 px
@@ -149,19 +198,25 @@ def test_crops_from_mirror(oi, tmp_path, capsys):
 def test_rotate_box_matches_turned_pixels():
     pixels = np.zeros((30, 60), np.uint8)
     pixels[3:9, 12:24] = 255  # box x 0.2..0.4, y 0.1..0.3
-    for rotation, transpose in ((90, Image.Transpose.ROTATE_90), (180, Image.Transpose.ROTATE_180),
-                                (270, Image.Transpose.ROTATE_270)):
+    for rotation, transpose in (
+        (90, Image.Transpose.ROTATE_90),
+        (180, Image.Transpose.ROTATE_180),
+        (270, Image.Transpose.ROTATE_270),
+    ):
         turned = np.asarray(Image.fromarray(pixels).transpose(transpose))
         h, w = turned.shape
         x0, x1, y0, y1 = rotate_box((0.2, 0.4, 0.1, 0.3), rotation)
-        region = turned[round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)]
+        region = turned[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)]
         assert region.size == 72 and region.min() == 255, rotation
 
 
-@pytest.mark.parametrize("classes, message", [
-    ("Kat", "'Kat' is not a class of"),
-    ("Catfsh", "did you mean Catfish"),
-])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        ("Kat", "'Kat' is not a class of"),
+        ("Catfsh", "did you mean Catfish"),
+    ],
+)
 def test_unknown_class_is_one_line_error(oi, tmp_path, capsys, classes, message):
     _, meta = oi
     assert main(["--classes", classes, "--meta", str(meta), "--dest", str(tmp_path / "o")]) == 2

@@ -1,4 +1,5 @@
 """geektime.predict: the same probabilities as `evaluate.py data.test_dir=`, from a checkpoint or an export."""
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,25 @@ def setup(tmp_path_factory):
     train_dir, val_dir = make_folders(root / "data")
     unlabeled = root / "unlabeled"
     for i in range(12):  # a flat folder of photos of varied sizes; a name with a space must survive the txt
-        make_image(unlabeled / f"photo {i:02d}.jpg", (120, 60, 200) if i % 2 else (200, 90, 40),
-                   size=(50 + 7 * i, 41), seed=700 + i)
+        make_image(
+            unlabeled / f"photo {i:02d}.jpg",
+            (120, 60, 200) if i % 2 else (200, 90, 40),
+            size=(50 + 7 * i, 41),
+            seed=700 + i,
+        )
     run = root / "run"
     train_tiny(run, train_dir, val_dir, "trainer.epochs=1")
     ckpt = run / "last.pth"
     export(ckpt, "onnx", root / "onnx")
     export(ckpt, "torchscript", root / "ts")
     run_script("evaluate.py", f"checkpoint={ckpt}", f"data.test_dir={unlabeled}")
-    return {"ckpt": ckpt, "onnx": root / "onnx" / "model.onnx", "torchscript": root / "ts" / "model.pt",
-            "unlabeled": unlabeled, "expected": read_predictions(run / "eval" / "last_test.txt")}
+    return {
+        "ckpt": ckpt,
+        "onnx": root / "onnx" / "model.onnx",
+        "torchscript": root / "ts" / "model.pt",
+        "unlabeled": unlabeled,
+        "expected": read_predictions(run / "eval" / "last_test.txt"),
+    }
 
 
 @pytest.mark.slow
@@ -39,8 +49,14 @@ def test_predict_txt_equals_evaluate(setup, tmp_path, model, tolerance):
     out = tmp_path / "pred.txt"
     args = [str(setup[model]), str(setup["unlabeled"]), "--out", str(out)]
     if model == "ckpt":  # the real command line once
-        proc = subprocess.run([sys.executable, "-m", "geektime.predict", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=300, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "geektime.predict", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
     else:
         assert predict.main(args) == 0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_folders, make_image, run_script, train_tiny
 
+from conftest import REPO, make_folders, make_image, run_script, train_tiny
 from geektime.predictions import (
     PredictionFormatError,
     class_index,
@@ -25,7 +25,10 @@ def test_writes_the_course_format(tmp_path):
     txt = tmp_path / "epoch_001.txt"
     probs = np.array([[0.6446, 0.3554], [0.58476, 0.41524], [0.2, 0.8]])
     write_predictions(
-        txt, ["logo", "others"], probs, np.array([0, 0, -1]),
+        txt,
+        ["logo", "others"],
+        probs,
+        np.array([0, 0, -1]),
         ["./data/val/logo/13.jpeg", "./data/val/logo/14.jpeg", "./data/test/1.jpeg"],
         header={"checkpoint": "epoch_001.pth"},
     )
@@ -110,8 +113,11 @@ def test_reads_header_only_file_as_empty(tmp_path):
         ("# classes: a b\n# classes: a b\n", 2, "appears twice"),
         ("# classes: a b\n0.50000 0.40000 1 0 1 0 a.jpg\n", 2, "'0.50000 0.40000' sum to 0.90000, not 1"),
         ("# classes: a b c\n0.33334 0.33334 0.33334 1 0 0 1 0 0 a.jpg\n", 2, "sum to 1.00002, not 1"),
-        ("# classes: a b\n0.9 0.1 1 0 1 0 a.jpg\n# note\n0.2 0.8 0 1 0 1 a.jpg\n", 4,
-         "image 'a.jpg' appears twice, on lines 2 and 4"),
+        (
+            "# classes: a b\n0.9 0.1 1 0 1 0 a.jpg\n# note\n0.2 0.8 0 1 0 1 a.jpg\n",
+            4,
+            "image 'a.jpg' appears twice, on lines 2 and 4",
+        ),
         ("# classes: a b\n# escaping: base64\n", 2, "unknown escaping 'base64'"),
         ("# classes: a%20b a%20%62\n# escaping: percent\n", 1, "duplicate class names: a b"),
     ],
@@ -144,8 +150,10 @@ def test_file_without_classes_header(tmp_path):
         ({"targets": np.array([0.0])}, "integers"),
         ({"paths": ["a.jpg", "b.jpg"]}, "2 paths for 1 rows"),
         ({"paths": [""]}, "image path is empty"),
-        ({"probs": np.array([[0.5, 0.5]] * 2), "targets": np.array([0, 1]), "paths": ["a.jpg", "a.jpg"]},
-         "image paths appear more than once: a.jpg"),
+        (
+            {"probs": np.array([[0.5, 0.5]] * 2), "targets": np.array([0, 1]), "paths": ["a.jpg", "a.jpg"]},
+            "image paths appear more than once: a.jpg",
+        ),
         ({"probs": np.array([[0.6, 0.6]])}, "probs row 0 (a.jpg) sums to 1.20000, not 1"),
         ({"header": {"classes": "x y"}}, "bad header item 'classes'"),
         ({"header": {"escaping": "none"}}, "bad header item 'escaping'"),
@@ -200,8 +208,13 @@ def test_any_class_name_and_path_round_trips(tmp_path):
 
 def test_escaped_file_stays_readable_and_hand_editable(tmp_path):
     txt = tmp_path / "odd.txt"
-    write_predictions(txt, ["big cat", "dog"], np.array([[0.25, 0.75], [1.0, 0.0]]), np.array([0, 1]),
-                      ["./val/big cat/two\nlines 100%.jpg", "./val/dog/" + NOT_UTF8])
+    write_predictions(
+        txt,
+        ["big cat", "dog"],
+        np.array([[0.25, 0.75], [1.0, 0.0]]),
+        np.array([0, 1]),
+        ["./val/big cat/two\nlines 100%.jpg", "./val/dog/" + NOT_UTF8],
+    )
     text = txt.read_text(encoding="utf-8")  # valid UTF-8 whatever the names held
     assert text == (
         "# classes: big%20cat dog\n"
@@ -210,8 +223,11 @@ def test_escaped_file_stays_readable_and_hand_editable(tmp_path):
         "1.00000 0.00000 0 1 1 0 ./val/dog/caf%E9 latin-1.jpg\n"
     )
     # a person relabels the first image and adds one by hand, typing a path with a space and a bare "%"
-    txt.write_text(text.replace("1 0 0 1 ./val/big", "0 1 0 1 ./val/big")
-                   + "0.50000 0.50000 1 0 1 0 ./val/big cat/new 5% off.jpg\n", encoding="utf-8")
+    txt.write_text(
+        text.replace("1 0 0 1 ./val/big", "0 1 0 1 ./val/big")
+        + "0.50000 0.50000 1 0 1 0 ./val/big cat/new 5% off.jpg\n",
+        encoding="utf-8",
+    )
     pred = read_predictions(txt)
     assert pred.paths[0] == "./val/big cat/two\nlines 100%.jpg"
     assert pred.paths[2] == "./val/big cat/new 5% off.jpg"
@@ -243,8 +259,9 @@ def test_rounded_softmax_rows_are_accepted(tmp_path, num_classes):
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs = probs / probs.sum(1, keepdims=True)
     txt = tmp_path / "softmax.txt"
-    write_predictions(txt, [f"c{i}" for i in range(num_classes)], probs, np.zeros(200, dtype=int),
-                      [f"{i}.jpg" for i in range(200)])
+    write_predictions(
+        txt, [f"c{i}" for i in range(num_classes)], probs, np.zeros(200, dtype=int), [f"{i}.jpg" for i in range(200)]
+    )
     np.testing.assert_allclose(read_predictions(txt).probs, probs, atol=5.1e-6)
 
 
@@ -264,8 +281,9 @@ def odd_run(tmp_path_factory):
     """A run trained on class folders with whitespace in their names, evaluated on files with a line break,
     bytes that are not UTF-8 and surrounding spaces in theirs."""
     root = tmp_path_factory.mktemp("odd")
-    train_dir, val_dir = make_folders(root / "data", classes=("big cat", "hot\u00a0dog"), train_per_class=4,
-                                      val_per_class=2)
+    train_dir, val_dir = make_folders(
+        root / "data", classes=("big cat", "hot\u00a0dog"), train_per_class=4, val_per_class=2
+    )
     for i, name in enumerate(ODD_FILES):
         make_image(Path(os.fsdecode(os.path.join(os.fsencode(val_dir / "big cat"), name))), (40, 60, 200), seed=90 + i)
     run = root / "run"
@@ -280,8 +298,11 @@ def test_odd_class_and_file_names_train_and_evaluate(odd_run):
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     pred = read_predictions(run / "eval" / "epoch_001.txt")
     assert pred.classes == ["big cat", "hot\u00a0dog"]
-    on_disk = {os.fsdecode(os.path.join(os.fsencode(val_dir / c), name)): i
-               for i, c in enumerate(pred.classes) for name in os.listdir(os.fsencode(val_dir / c))}
+    on_disk = {
+        os.fsdecode(os.path.join(os.fsencode(val_dir / c), name)): i
+        for i, c in enumerate(pred.classes)
+        for name in os.listdir(os.fsencode(val_dir / c))
+    }
     assert dict(zip(pred.paths, pred.targets.tolist())) == on_disk  # every file, exactly, with its class
     assert all(Path(p).is_file() for p in pred.paths)
 
@@ -289,8 +310,14 @@ def test_odd_class_and_file_names_train_and_evaluate(odd_run):
 @pytest.mark.slow
 def test_odd_names_verify_like_training(odd_run):
     val_dir, _, _ = odd_run
-    proc = subprocess.run([sys.executable, "-m", "geektime.verify", str(val_dir)], check=False, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geektime.verify", str(val_dir)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == f"{4 + len(ODD_FILES)} files checked, 0 bad"
 
@@ -302,8 +329,13 @@ def test_odd_names_show_in_badcases(odd_run, tmp_path):
     txt = tmp_path / "relabelled.txt"  # every label flipped, as by a hand edit: every image is a bad case
     write_predictions(txt, pred.classes, pred.probs, 1 - pred.predicted, pred.paths, pred.header)
     out = tmp_path / "gallery.html"
-    proc = subprocess.run([sys.executable, "-m", "geektime.badcases", str(txt), "--out", str(out)], check=False,
-                          cwd=REPO, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geektime.badcases", str(txt), "--out", str(out)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")[-3000:]
     page = out.read_text(encoding="utf-8")  # a valid UTF-8 page whatever the file names hold
     lines = proc.stdout.decode("utf-8").splitlines()

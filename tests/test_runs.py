@@ -1,5 +1,6 @@
 """Run folders and late errors (issue 12): no run mixed with another, no folder left by a failed start,
 no wrong result reported as a success."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ def test_two_runs_started_together_never_share_a_folder(tmp_path, folders):
         assert p.wait(600) == 0
     # Both wrote into checkpoints/ under the repo's own checkpoints folder (the working directory is REPO).
     logs = [(tmp_path / f"log{i}.txt").read_text() for i in range(2)]
-    folders_used = [line.split("(run folder: ")[1].rstrip(")") for log in logs for line in log.splitlines()
-                    if "(run folder: " in line]
+    folders_used = [
+        line.split("(run folder: ")[1].rstrip(")")
+        for log in logs
+        for line in log.splitlines()
+        if "(run folder: " in line
+    ]
     try:
         assert len(folders_used) == 2 and folders_used[0] != folders_used[1]
         for folder in folders_used:
@@ -78,7 +83,8 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_unless_told_to_overwrite(tmp
     # Every file of the old run is as it was (its log only gained the refusal; Hydra's record of this
     # invocation went to a .hydra-<time>/ folder of its own).
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name in before and p.name != "train.log"} == {
-        k: v for k, v in before.items() if k != "train.log"}
+        k: v for k, v in before.items() if k != "train.log"
+    }
     assert len(list(run.glob(".hydra-*"))) == 1
     train_tiny(run, *folders, "trainer.epochs=1", "trainer.overwrite=true")
     aside = list(run.glob("replaced_*"))
@@ -89,8 +95,13 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_unless_told_to_overwrite(tmp
 @pytest.mark.slow
 def test_a_failed_start_leaves_no_folder(tmp_path):
     """12.4: a missing data folder stops the run before any work, and its fresh run folder goes with it."""
-    proc = run_script("train.py", f"data.train_dir={tmp_path / 'nope'}", f"data.val_dir={tmp_path / 'nope'}",
-                      check=False, cwd=tmp_path)
+    proc = run_script(
+        "train.py",
+        f"data.train_dir={tmp_path / 'nope'}",
+        f"data.val_dir={tmp_path / 'nope'}",
+        check=False,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
 
@@ -112,8 +123,9 @@ def test_discard_only_takes_a_folder_this_process_created_and_that_holds_nothing
 @pytest.mark.slow
 def test_a_single_class_is_a_configuration_error(tmp_path):
     """12.6: one class would train to a meaningless accuracy 1.0."""
-    train_dir, val_dir = make_folders(tmp_path / "data", classes=("only",), colours=((200, 50, 40),),
-                                      train_per_class=4, val_per_class=2)
+    train_dir, val_dir = make_folders(
+        tmp_path / "data", classes=("only",), colours=((200, 50, 40),), train_per_class=4, val_per_class=2
+    )
     proc = train_tiny(tmp_path / "run", train_dir, val_dir, "trainer.epochs=1", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has 1 class folder" in proc.stderr and "at least 2" in proc.stderr
@@ -134,14 +146,12 @@ def test_one_training_image_is_a_clear_error(tmp_path):
     """12.12: a batch of one through BatchNorm would fail deep in torch."""
     train_dir, val_dir = make_folders(tmp_path / "data", train_per_class=1, val_per_class=1)
     (next((train_dir / "red").iterdir())).unlink()
-    proc = train_tiny(tmp_path / "run", train_dir, val_dir, "trainer.epochs=1", "data.on_bad_image=skip",
-                      check=False)
+    proc = train_tiny(tmp_path / "run", train_dir, val_dir, "trainer.epochs=1", "data.on_bad_image=skip", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "class folder(s) with no images: red" in proc.stderr
     train_dir, val_dir = make_folders(tmp_path / "data2", train_per_class=1, val_per_class=1)
     (train_dir / "red" / "000.jpg").write_bytes(b"not an image")
-    proc = train_tiny(tmp_path / "run2", train_dir, val_dir, "trainer.epochs=1", "data.on_bad_image=skip",
-                      check=False)
+    proc = train_tiny(tmp_path / "run2", train_dir, val_dir, "trainer.epochs=1", "data.on_bad_image=skip", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.train_dir: 1 usable image(s); training needs at least 2" in proc.stderr
 
@@ -155,8 +165,10 @@ def test_a_checkpoint_holding_only_weights_is_named(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,key", [(["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
-                                      (["select.min_recall=abc"], "select.min_recall")])
+@pytest.mark.parametrize(
+    "args,key",
+    [(["data.batch_size=0"], "data.batch_size=0 must be >= 1"), (["select.min_recall=abc"], "select.min_recall")],
+)
 def test_evaluate_refuses_bad_values_naming_the_key(tmp_path, args, key):
     path = tmp_path / "run" / "epoch_001.pth"
     path.parent.mkdir()

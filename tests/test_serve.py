@@ -1,5 +1,6 @@
 """geektime.serve: the API contract and every error code, URL fetching and its refusals, a real uvicorn with
 batching, and the upload page end to end in headless Chromium."""
+
 from __future__ import annotations
 
 import asyncio
@@ -83,8 +84,11 @@ def test_classify_image_contract(client, engine, trained):
     assert health["status"] == "ok" and health["classes"] == engine.classes and health["served"]["images"] >= 1
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "api/1.0/classify-image" in page.text and "<script src" not in page.text and "http" not in page.text.split(
-        "<script>")[1]  # self-contained: no external script or stylesheet
+    assert (
+        "api/1.0/classify-image" in page.text
+        and "<script src" not in page.text
+        and "http" not in page.text.split("<script>")[1]
+    )  # self-contained: no external script or stylesheet
 
 
 @pytest.mark.slow
@@ -99,8 +103,11 @@ def test_error_codes(client, trained, png_bomb):
         (upload(client, photo, field="file"), 422, "missing the file field 'image'"),
         (client.post(API, data={"image": "not a file"}), 415, "multipart/form-data"),
         (client.post(API, content=photo, headers={"content-type": "image/jpeg"}), 415, "multipart/form-data"),
-        (client.post(API, content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"}), 400,
-         "malformed multipart"),
+        (
+            client.post(API, content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"}),
+            400,
+            "malformed multipart",
+        ),
         (client.get(API), 405, "Method Not Allowed"),
         (client.get("/classify-url", params={"url": "http://example.com/a.jpg"}), 404, "--allow-url"),
     ]
@@ -151,8 +158,9 @@ def file_server(tmp_path, trained):
 @pytest.mark.slow
 def test_classify_url_and_its_refusals(engine, file_server):
     base, photo = file_server
-    open_app = create_app(engine, Settings(max_bytes=MAX_BYTES, allow_url=True, allow_private_urls=True,
-                                           url_timeout_s=1.0))
+    open_app = create_app(
+        engine, Settings(max_bytes=MAX_BYTES, allow_url=True, allow_private_urls=True, url_timeout_s=1.0)
+    )
     strict_app = create_app(engine, Settings(max_bytes=MAX_BYTES, allow_url=True))
     with TestClient(open_app) as client:
         answer = client.get("/classify-url", params={"url": f"{base}/photo.jpg"})
@@ -173,8 +181,14 @@ def test_classify_url_and_its_refusals(engine, file_server):
             assert words in response.json()["error"]
         assert client.get("/classify-url").status_code == 422
     with TestClient(strict_app) as client:
-        for url in [f"{base}/photo.jpg", "http://localhost:9/a.jpg", "http://10.1.2.3/a.jpg", "http://[::1]:9/a.jpg",
-                    "http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.1]/a.jpg"]:
+        for url in [
+            f"{base}/photo.jpg",
+            "http://localhost:9/a.jpg",
+            "http://10.1.2.3/a.jpg",
+            "http://[::1]:9/a.jpg",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::ffff:127.0.0.1]/a.jpg",
+        ]:
             response = client.get("/classify-url", params={"url": url})
             assert response.status_code == 403, (url, response.text)
             assert "refused" in response.json()["error"]
@@ -191,8 +205,12 @@ def serving(model: Path, *args: str, log: Path):
     """`python -m geektime.serve` on a free port of 127.0.0.1, until /healthz answers; stopped afterwards."""
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "geektime.serve", str(model), "--port", str(port), *args],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "geektime.serve", str(model), "--port", str(port), *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -217,10 +235,13 @@ def serving(model: Path, *args: str, log: Path):
 def test_real_uvicorn_batches_concurrent_requests(trained, engine, tmp_path):
     images = sorted(trained[1].rglob("*.jpg"))
     with serving(trained[0], "--batch-size", "8", "--max-wait-ms", "100", log=tmp_path / "serve.log") as base:
+
         async def burst():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-                return await asyncio.gather(*[client.post(API, files={"image": (p.name, p.read_bytes())})
-                                              for p in images])
+                return await asyncio.gather(
+                    *[client.post(API, files={"image": (p.name, p.read_bytes())}) for p in images]
+                )
+
         responses = asyncio.run(burst())
         health = httpx.get(f"{base}/healthz").json()
     assert [r.status_code for r in responses] == [200] * len(images)
@@ -239,8 +260,13 @@ def _browser():
         pytest.skip("chromium and chromium-driver are not installed")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
@@ -264,7 +290,8 @@ def test_upload_page_in_headless_chromium(tmp_path_factory, tmp_path, capsys):
             browser.get(base + "/")
             browser.find_element(By.ID, "file").send_keys(str(photo))
             WebDriverWait(browser, 60).until(
-                lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+                lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+            )
             body = browser.find_element(By.TAG_NAME, "body")
             status = browser.find_element(By.ID, "status").text
             assert body.get_attribute("data-state") == "done", status

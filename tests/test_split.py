@@ -1,4 +1,5 @@
 """geektime.split: the pure assign_splits rule, and the command on real files."""
+
 from __future__ import annotations
 
 import csv
@@ -31,9 +32,16 @@ def test_stratified_counts():
     paths = by_class({"cat": 50, "dog": 10, "owl": 3})
     splits = assign_splits(paths, 0.2, 0.1, seed=0)
     assert set(splits) == {p for ps in paths.values() for p in ps}
-    assert tally(splits) == {("cat", "train"): 35, ("cat", "val"): 10, ("cat", "test"): 5,
-                             ("dog", "train"): 7, ("dog", "val"): 2, ("dog", "test"): 1,
-                             ("owl", "train"): 2, ("owl", "val"): 1}  # round(0.3) = 0 test
+    assert tally(splits) == {
+        ("cat", "train"): 35,
+        ("cat", "val"): 10,
+        ("cat", "test"): 5,
+        ("dog", "train"): 7,
+        ("dog", "val"): 2,
+        ("dog", "test"): 1,
+        ("owl", "train"): 2,
+        ("owl", "val"): 1,
+    }  # round(0.3) = 0 test
 
 
 def test_deterministic_whatever_the_order_and_seed_dependent():
@@ -43,15 +51,19 @@ def test_deterministic_whatever_the_order_and_seed_dependent():
     assert assign_splits(shuffled, 0.25, seed=3) == first
     assert assign_splits(paths, 0.25, seed=4) != first
     # Another class does not move this one's images.
-    assert {p: s for p, s in assign_splits({**paths, "owl": ["owl/1.jpg"]}, 0.25, seed=3).items()
-            if not p.startswith("owl")} == first
+    assert {
+        p: s for p, s in assign_splits({**paths, "owl": ["owl/1.jpg"]}, 0.25, seed=3).items() if not p.startswith("owl")
+    } == first
 
 
 def test_groups_stay_on_one_side_for_every_seed():
     paths = by_class({"cat": 20, "dog": 12})
-    groups = [["cat/000.jpg", "cat/001.jpg", "cat/002.jpg"], ["dog/005.jpg", "dog/006.jpg"],
-              ["cat/010.jpg", "dog/010.jpg", "dog/011.jpg"],  # across classes: counted with dog (2 of 3)
-              ["cat/019.jpg", "elsewhere.jpg"]]  # only one known member: no group
+    groups = [
+        ["cat/000.jpg", "cat/001.jpg", "cat/002.jpg"],
+        ["dog/005.jpg", "dog/006.jpg"],
+        ["cat/010.jpg", "dog/010.jpg", "dog/011.jpg"],  # across classes: counted with dog (2 of 3)
+        ["cat/019.jpg", "elsewhere.jpg"],
+    ]  # only one known member: no group
     for seed in range(40):
         splits = assign_splits(paths, 0.3, 0.1, seed=seed, groups=groups)
         for group in groups[:3]:
@@ -61,8 +73,10 @@ def test_groups_stay_on_one_side_for_every_seed():
     assert "elsewhere.jpg" not in splits
 
 
-@pytest.mark.parametrize("valid, test, message", [(1.0, 0, "valid_pct must be"), (-0.1, 0, "valid_pct must be"),
-                                                  (0.6, 0.4, "must be below 1")])
+@pytest.mark.parametrize(
+    "valid, test, message",
+    [(1.0, 0, "valid_pct must be"), (-0.1, 0, "valid_pct must be"), (0.6, 0.4, "must be below 1")],
+)
 def test_bad_percentages(valid, test, message):
     with pytest.raises(ValueError, match=message):
         assign_splits(by_class({"cat": 3}), valid, test)
@@ -119,6 +133,7 @@ def test_cli_links_records_and_keeps_groups(source, tmp_path, capsys):
 def test_copies_when_links_are_impossible(source, tmp_path, monkeypatch, capsys):
     def no_links(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
+
     monkeypatch.setattr(os, "link", no_links)
     out = tmp_path / "split"
     assert main([str(source), str(out), "--no-groups", "--quiet"]) == 0

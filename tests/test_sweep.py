@@ -1,5 +1,6 @@
 """Sweep summaries (swept keys as columns, ranking, killed and failed jobs), the exit code of a sweep with a
 failed job, TensorBoard HParams (read back by TensorBoard, and shown in a browser), and the Optuna preset."""
+
 from __future__ import annotations
 
 import csv
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY, run_script, start_script
 from omegaconf import OmegaConf
 
+from conftest import REPO, TINY, run_script, start_script
 from geektime import sweep
 from geektime.hparams import HPARAMS_DIR, METRICS, log_hparams, run_hparams
 
@@ -33,10 +34,21 @@ def make_job(sweep_dir: Path, num: int, overrides: list[str], result: dict | Non
 
 
 def finished(val_acc: float, val_loss: float, metric: str = "val_acc", epoch: int = 2) -> dict:
-    best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss, "macro_precision": val_acc - 0.01,
-            "macro_recall": val_acc + 0.01}
-    return {"status": "ok", "best_epoch": epoch, "best": best, "sweep_metric": metric, "value": best[metric],
-            "epochs": 3}
+    best = {
+        "epoch": epoch,
+        "val_acc": val_acc,
+        "val_loss": val_loss,
+        "macro_precision": val_acc - 0.01,
+        "macro_recall": val_acc + 0.01,
+    }
+    return {
+        "status": "ok",
+        "best_epoch": epoch,
+        "best": best,
+        "sweep_metric": metric,
+        "value": best[metric],
+        "epochs": 3,
+    }
 
 
 def failed(error: str) -> dict:
@@ -50,18 +62,36 @@ def read_csv(path: Path) -> list[dict]:
 
 # --- overrides and swept keys ------------------------------------------------------------------------------
 
+
 def test_override_syntax_plus_force_add_delete_and_canonical_values():
-    parsed = sweep.parse_overrides(["+trainer.note=abc", "++trainer.extra=2", "~scheduler.gamma", "optimizer.lr=1e-2",
-                                    "transforms@val=letterbox", "data.image_size=[32, 32]"])
-    assert parsed == {"trainer.note": "abc", "trainer.extra": "2", "scheduler.gamma": sweep.DELETED,
-                      "optimizer.lr": "0.01", "transforms@val": "letterbox", "data.image_size": "[32,32]"}
+    parsed = sweep.parse_overrides(
+        [
+            "+trainer.note=abc",
+            "++trainer.extra=2",
+            "~scheduler.gamma",
+            "optimizer.lr=1e-2",
+            "transforms@val=letterbox",
+            "data.image_size=[32, 32]",
+        ]
+    )
+    assert parsed == {
+        "trainer.note": "abc",
+        "trainer.extra": "2",
+        "scheduler.gamma": sweep.DELETED,
+        "optimizer.lr": "0.01",
+        "transforms@val": "letterbox",
+        "data.image_size": "[32,32]",
+    }
     assert sweep.override_text("scheduler.gamma", sweep.DELETED) == "~scheduler.gamma"
 
 
 def test_keys_given_once_are_constant_and_swept_keys_vary():
     # python train.py -m model=resnet18 optimizer.lr=0.01,0.003 transforms=resize,letterbox +trainer.note=x
-    jobs = [{"model": "resnet18", "optimizer.lr": lr, "transforms": t, "trainer.note": "x"}
-            for lr in ("0.01", "0.003") for t in ("resize", "letterbox")]
+    jobs = [
+        {"model": "resnet18", "optimizer.lr": lr, "transforms": t, "trainer.note": "x"}
+        for lr in ("0.01", "0.003")
+        for t in ("resize", "letterbox")
+    ]
     varying, constant = sweep.swept_keys(jobs)
     assert varying == ["optimizer.lr", "transforms"]
     assert constant == {"model": "resnet18", "trainer.note": "x"}
@@ -69,8 +99,10 @@ def test_keys_given_once_are_constant_and_swept_keys_vary():
 
 def test_a_swept_key_with_one_value_repeated_is_constant_and_a_key_some_jobs_lack_varies():
     # optimizer.lr=0.01,1e-2 gives two jobs with the same lr: nothing to compare, so it is no column.
-    jobs = [sweep.parse_overrides(["optimizer.lr=0.01", "data.batch_size=4"]),
-            sweep.parse_overrides(["optimizer.lr=1e-2", "data.batch_size=8", "~scheduler.gamma"])]
+    jobs = [
+        sweep.parse_overrides(["optimizer.lr=0.01", "data.batch_size=4"]),
+        sweep.parse_overrides(["optimizer.lr=1e-2", "data.batch_size=8", "~scheduler.gamma"]),
+    ]
     varying, constant = sweep.swept_keys(jobs)
     assert varying == ["data.batch_size", "scheduler.gamma"]
     assert constant == {"optimizer.lr": "0.01"}
@@ -85,6 +117,7 @@ def test_job_overrides_come_from_hydra_or_else_from_result_json(tmp_path):
 
 # --- summary: ranking, failed and unfinished jobs ----------------------------------------------------------
 
+
 def test_summary_ranks_by_sweep_metric_with_failed_jobs_last(tmp_path):
     common = ["model=resnet18", "data.batch_size=4"]
     make_job(tmp_path, 0, [*common, "optimizer.lr=0.1"], failed("optimizer.lr=0.1 diverged"))
@@ -94,10 +127,23 @@ def test_summary_ranks_by_sweep_metric_with_failed_jobs_last(tmp_path):
     summary = sweep.write_summary(tmp_path)
 
     rows = read_csv(tmp_path / "summary.csv")
-    assert list(rows[0]) == ["rank", "job", "optimizer.lr", "status", "best_epoch", "epochs", *METRICS, "run_dir",
-                             "error"]
+    assert list(rows[0]) == [
+        "rank",
+        "job",
+        "optimizer.lr",
+        "status",
+        "best_epoch",
+        "epochs",
+        *METRICS,
+        "run_dir",
+        "error",
+    ]
     assert [(r["rank"], r["job"], r["optimizer.lr"], r["status"]) for r in rows] == [
-        ("1", "2", "0.003", "ok"), ("2", "1", "0.01", "ok"), ("3", "3", "0.001", "ok"), ("", "0", "0.1", "failed")]
+        ("1", "2", "0.003", "ok"),
+        ("2", "1", "0.01", "ok"),
+        ("3", "3", "0.001", "ok"),
+        ("", "0", "0.1", "failed"),
+    ]
     assert rows[3]["error"] == "optimizer.lr=0.1 diverged"  # its first line
     assert float(rows[0]["val_acc"]) == 0.95 and rows[0]["run_dir"] == str(tmp_path / "2_job")
 
@@ -136,10 +182,19 @@ def test_a_killed_sweep_is_summarized_afterwards_naming_the_unfinished_and_unsta
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     # What Hydra's basic sweeper wrote when the sweep started: 3 learning rates x 2 transforms = 6 jobs.
-    OmegaConf.save(OmegaConf.create({"hydra": {
-        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
-        "overrides": {"task": ["optimizer.lr=0.01,0.02,0.03", "transforms=resize,letterbox", "model=resnet18"]}}}),
-        sweep_dir / "multirun.yaml")
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "hydra": {
+                    "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+                    "overrides": {
+                        "task": ["optimizer.lr=0.01,0.02,0.03", "transforms=resize,letterbox", "model=resnet18"]
+                    },
+                }
+            }
+        ),
+        sweep_dir / "multirun.yaml",
+    )
     make_job(sweep_dir, 0, ["optimizer.lr=0.01", "transforms=resize", "model=resnet18"], finished(0.7, 0.5))
     make_job(sweep_dir, 1, ["optimizer.lr=0.01", "transforms=letterbox", "model=resnet18"], finished(0.9, 0.4))
     make_job(sweep_dir, 2, ["optimizer.lr=0.02", "transforms=resize", "model=resnet18"], None)  # killed here
@@ -149,8 +204,11 @@ def test_a_killed_sweep_is_summarized_afterwards_naming_the_unfinished_and_unsta
     assert "sweep summary (3 jobs, 0 failed, 1 running/unfinished, 3 not started)" in out
     assert f"job 2 has not finished (running, or killed before writing result.json): {sweep_dir / '2_job'}" in err
     rows = read_csv(sweep_dir / "summary.csv")
-    assert [(r["rank"], r["job"], r["status"]) for r in rows] == [("1", "1", "ok"), ("2", "0", "ok"),
-                                                                   ("", "2", "running/unfinished")]
+    assert [(r["rank"], r["job"], r["status"]) for r in rows] == [
+        ("1", "1", "ok"),
+        ("2", "0", "ok"),
+        ("", "2", "running/unfinished"),
+    ]
     assert json.loads((sweep_dir / "summary.json").read_text())["unfinished"] == [2]
 
 
@@ -167,6 +225,7 @@ def test_cli_exit_codes(tmp_path, capsys):
 
 
 # --- HParams -----------------------------------------------------------------------------------------------
+
 
 def compose_train(*overrides: str):
     from hydra import compose, initialize_config_dir
@@ -215,8 +274,11 @@ def hparams_page_texts(logdir: Path, expected: list[str], timeout: float = 90) -
     from selenium.webdriver.chrome.service import Service
 
     port = free_port()
-    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
-                              "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    board = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     driver = None
     try:
         deadline = time.monotonic() + timeout
@@ -226,15 +288,21 @@ def hparams_page_texts(logdir: Path, expected: list[str], timeout: float = 90) -
                 break
             except OSError:
                 if board.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"TensorBoard did not start: {board.stderr.read().decode()[-2000:]}")
+                    raise AssertionError(f"TensorBoard did not start: {board.stderr.read().decode()[-2000:]}") from None
                 time.sleep(0.5)
         options = webdriver.ChromeOptions()
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1600,1000"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1600,1000",
+        ):
             options.add_argument(arg)
         options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
-                                  options=options)
+        driver = webdriver.Chrome(
+            service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
+        )
         driver.get(f"http://127.0.0.1:{port}/#hparams")
         walk = """const out = [];
             function walk(n) {
@@ -265,8 +333,16 @@ def test_tensorboard_hparams_tab_lists_every_job_of_a_sweep_in_a_browser(tmp_pat
     train_dir, val_dir = folders
     sweep_dir = tmp_path / "sweep"
     args = [a for a in TINY if not a.startswith("optimizer.lr")]
-    run_script("train.py", "-m", *args, "optimizer.lr=0.01,0.02", "trainer.epochs=1", f"data.train_dir={train_dir}",
-               f"data.val_dir={val_dir}", f"hydra.sweep.dir={sweep_dir}")
+    run_script(
+        "train.py",
+        "-m",
+        *args,
+        "optimizer.lr=0.01,0.02",
+        "trainer.epochs=1",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     jobs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 2
     for job in jobs:
@@ -283,26 +359,43 @@ def test_tensorboard_hparams_tab_lists_every_job_of_a_sweep_in_a_browser(tmp_pat
 
 # --- real sweeps -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_failed_job_lets_the_others_run_then_the_sweep_exits_1(tmp_path, folders):
     train_dir, val_dir = folders
     sweep_dir = tmp_path / "sweep"
     args = [a for a in TINY if not a.startswith("optimizer.lr")]
-    proc = run_script("train.py", "-m", *args, "optimizer.lr=-1,0.01", "trainer.epochs=1",
-                      f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", f"hydra.sweep.dir={sweep_dir}",
-                      check=False)
+    proc = run_script(
+        "train.py",
+        "-m",
+        *args,
+        "optimizer.lr=-1,0.01",
+        "trainer.epochs=1",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        check=False,
+    )
     assert proc.returncode == sweep.EXIT_FAILED_JOBS, proc.stderr[-3000:]
     assert "error: 1 of 2 sweep jobs failed or did not finish" in proc.stderr and "Traceback" not in proc.stderr
     assert "sweep summary (2 jobs, 1 failed), ranked by val_acc (higher first)" in proc.stdout
     rows = read_csv(sweep_dir / "summary.csv")
-    assert [(r["rank"], r["job"], r["optimizer.lr"], r["status"]) for r in rows] == [("1", "1", "0.01", "ok"),
-                                                                                     ("", "0", "-1", "failed")]
+    assert [(r["rank"], r["job"], r["optimizer.lr"], r["status"]) for r in rows] == [
+        ("1", "1", "0.01", "ok"),
+        ("", "0", "-1", "failed"),
+    ]
     assert "optimizer.lr" in rows[1]["error"]
     assert (Path(rows[0]["run_dir"]) / "epoch_001.pth").is_file()  # the job after the failed one ran
     assert "optimizer.lr" not in json.loads((sweep_dir / "summary.json").read_text())["constant"]
     # Rebuilt later it says the same and keeps the exit code.
-    again = subprocess.run([sys.executable, "-m", "geektime.sweep", str(sweep_dir)], cwd=REPO, capture_output=True,
-                           text=True, timeout=120, check=False)
+    again = subprocess.run(
+        [sys.executable, "-m", "geektime.sweep", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert again.returncode == sweep.EXIT_FAILED_JOBS and f"job 0 failed: {rows[1]['error']}" in again.stderr
     assert read_csv(sweep_dir / "summary.csv") == rows
 
@@ -312,9 +405,17 @@ def test_a_sweep_killed_mid_job_is_summarized_afterwards(tmp_path, folders):
     train_dir, val_dir = folders
     sweep_dir = tmp_path / "sweep"
     args = [a for a in TINY if not a.startswith("optimizer.lr")]
-    proc = start_script("train.py", "-m", *args, "optimizer.lr=0.01", "trainer.epochs=1,40",
-                        f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", f"hydra.sweep.dir={sweep_dir}",
-                        log=tmp_path / "sweep.log")
+    proc = start_script(
+        "train.py",
+        "-m",
+        *args,
+        "optimizer.lr=0.01",
+        "trainer.epochs=1,40",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        log=tmp_path / "sweep.log",
+    )
     try:
         deadline = time.monotonic() + 300
         while not any("epoch 1/40" in p.read_text() for p in sweep_dir.glob("1_*/train.log")):
@@ -325,26 +426,43 @@ def test_a_sweep_killed_mid_job_is_summarized_afterwards(tmp_path, folders):
         proc.wait()
     assert not (sweep_dir / "summary.csv").exists()  # the launcher died before its callback
 
-    done = subprocess.run([sys.executable, "-m", "geektime.sweep", str(sweep_dir)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "geektime.sweep", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "sweep summary (2 jobs, 0 failed, 1 running/unfinished)" in done.stdout
     assert "job 1 has not finished" in done.stderr
     rows = read_csv(sweep_dir / "summary.csv")
     assert [(r["rank"], r["job"], r["trainer.epochs"], r["status"]) for r in rows] == [
-        ("1", "0", "1", "ok"), ("", "1", "40", "running/unfinished")]
+        ("1", "0", "1", "ok"),
+        ("", "1", "40", "running/unfinished"),
+    ]
 
 
 @pytest.mark.slow
 def test_optuna_preset_searches_lr_and_weight_decay_and_the_summary_ranks_its_trials(tmp_path, folders):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper",
-                        reason="hydra-optuna-sweeper is not installed: pip install -e '.[search]'")
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed: pip install -e '.[search]'"
+    )
     train_dir, val_dir = folders
     sweep_dir = tmp_path / "sweep"
     args = [a for a in TINY if not a.startswith("optimizer.lr")]
-    proc = run_script("train.py", "-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=2", *args,
-                      "trainer.epochs=1", f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
-                      f"hydra.sweep.dir={sweep_dir}")
+    proc = run_script(
+        "train.py",
+        "-m",
+        "hydra/sweeper=optuna_lr",
+        "hydra.sweeper.n_trials=2",
+        *args,
+        "trainer.epochs=1",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["varying"] == ["optimizer.lr", "optimizer.weight_decay"]
     assert summary["jobs"] == summary["expected_jobs"] == 2 and summary["failed"] == 0
@@ -360,16 +478,27 @@ def test_optuna_preset_searches_lr_and_weight_decay_and_the_summary_ranks_its_tr
 
 @pytest.mark.slow
 def test_an_optuna_trial_that_fails_is_recorded_and_the_search_goes_on(tmp_path, folders):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper",
-                        reason="hydra-optuna-sweeper is not installed: pip install -e '.[search]'")
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed: pip install -e '.[search]'"
+    )
     train_dir, val_dir = folders
     sweep_dir = tmp_path / "sweep"
     args = [a for a in TINY if not a.startswith("optimizer.lr")]
     # A comma list on the command line is a categorical parameter for Optuna; with the seeded sampler
     # (trainer.seed=42) the three trials draw lr 0.01, -1 (refused by validation), 0.01.
-    proc = run_script("train.py", "-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=3", "optimizer.lr=-1,0.01",
-                      *args, "trainer.epochs=1", f"data.train_dir={train_dir}", f"data.val_dir={val_dir}",
-                      f"hydra.sweep.dir={sweep_dir}", check=False)
+    proc = run_script(
+        "train.py",
+        "-m",
+        "hydra/sweeper=optuna_lr",
+        "hydra.sweeper.n_trials=3",
+        "optimizer.lr=-1,0.01",
+        *args,
+        "trainer.epochs=1",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        check=False,
+    )
     assert proc.returncode == sweep.EXIT_FAILED_JOBS, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     summary = json.loads((sweep_dir / "summary.json").read_text())

@@ -1,4 +1,5 @@
 """End to end: real runs of train.py on tiny real JPEG folders."""
+
 from __future__ import annotations
 
 import csv
@@ -40,12 +41,21 @@ def _assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("augment, cache", [(False, True), (True, True), (True, False)],
-                         ids=["decoded-once", "augmented-from-the-cache", "augmented-decoded-in-workers"])
+@pytest.mark.parametrize(
+    "augment, cache",
+    [(False, True), (True, True), (True, False)],
+    ids=["decoded-once", "augmented-from-the-cache", "augmented-decoded-in-workers"],
+)
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, folders, augment, cache):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5", "data.num_workers=2",
-              f"transforms.augment.enabled={str(augment).lower()}", f"data.cache={str(cache).lower()}")
+    common = (
+        "scheduler=step",
+        "scheduler.step_size=1",
+        "scheduler.gamma=0.5",
+        "data.num_workers=2",
+        f"transforms.augment.enabled={str(augment).lower()}",
+        f"data.cache={str(cache).lower()}",
+    )
     train_tiny(straight, *folders, "trainer.epochs=4", *common)
     train_tiny(resumed, *folders, "trainer.epochs=2", *common)
     proc = run_script("train.py", f"trainer.resume={resumed}", "trainer.epochs=4")
@@ -84,9 +94,14 @@ def test_unknown_model_lists_the_choices(tmp_path, folders):
     assert "resnet19" in proc.stderr and "efficientnet_b0" in proc.stderr and "resnet18" in proc.stderr
 
 
-@pytest.mark.parametrize("override,key", [("optimizer.lr=-0.1", "optimizer.lr"),
-                                          ("data.image_size=[0,32]", "data.image_size"),
-                                          ("data.train_dir=/no/such/folder", "data.train_dir")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("data.image_size=[0,32]", "data.image_size"),
+        ("data.train_dir=/no/such/folder", "data.train_dir"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, folders, override, key):
     proc = train_tiny(tmp_path / "run", *folders, override, check=False)
     assert proc.returncode == 2
@@ -96,9 +111,20 @@ def test_bad_values_name_the_key(tmp_path, folders, override, key):
 def test_two_job_sweep_writes_both_runs_and_a_summary(tmp_path, folders):
     train_dir, val_dir = folders
     sweep = tmp_path / "sweep"
-    proc = run_script("train.py", "-m", "model=resnet18", "data.image_size=[32,32]", "data.batch_size=4",
-                      "trainer.threads=1", "trainer.epochs=1", f"data.train_dir={train_dir}",
-                      f"data.val_dir={val_dir}", "optimizer.lr=0.01,-1", f"hydra.sweep.dir={sweep}", check=False)
+    proc = run_script(
+        "train.py",
+        "-m",
+        "model=resnet18",
+        "data.image_size=[32,32]",
+        "data.batch_size=4",
+        "trainer.threads=1",
+        "trainer.epochs=1",
+        f"data.train_dir={train_dir}",
+        f"data.val_dir={val_dir}",
+        "optimizer.lr=0.01,-1",
+        f"hydra.sweep.dir={sweep}",
+        check=False,
+    )
     assert proc.returncode == 1 and "error: 1 of 2 sweep jobs failed" in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]

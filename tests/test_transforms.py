@@ -1,6 +1,7 @@
 """The deterministic views on images of every shape: the same pixels as before for ordinary photos, bounded
 memory and time for a strip no photo has (geektime.images refuses those too, but a raised limit must not cost
 gigabytes)."""
+
 from __future__ import annotations
 
 import json
@@ -10,15 +11,17 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import REPO
 from geektime.data import CoverCrop
 
 
-@pytest.mark.parametrize("image_size", [(40, 30), (30, 40), (500, 375), (375, 500), (224, 224), (257, 255),
-                                        (1600, 500), (101, 999), (33, 17)])
+@pytest.mark.parametrize(
+    "image_size",
+    [(40, 30), (30, 40), (500, 375), (375, 500), (224, 224), (257, 255), (1600, 500), (101, 999), (33, 17)],
+)
 @pytest.mark.parametrize("size", [(32, 32), (224, 224), (240, 320), (320, 240), (64, 48)])
 def test_center_crop_matches_resize_then_crop(image_size, size):
     """CoverCrop resamples only the kept box, so the filter's rounding can move a pixel by 1 (of 255); the
@@ -52,8 +55,9 @@ MEASURE = textwrap.dedent("""
     results = {}
     for name in ("center_crop", "resize", "letterbox"):
         for train in (False, True):
-            tcfg = OmegaConf.create({"name": name, "fill": [0, 0, 0], "augment": {
-                "enabled": True, "random_resized_crop": True, "hflip": True, "scale": [0.08, 1], "ratio": [0.75, 1.33]}})
+            augment = {"enabled": True, "random_resized_crop": True, "hflip": True, "scale": [0.08, 1],
+                       "ratio": [0.75, 1.33]}
+            tcfg = OmegaConf.create({"name": name, "fill": [0, 0, 0], "augment": augment})
             transform = build_transform(tcfg, (224, 224), train)
             augmentation = build_augmentation(tcfg, (224, 224), train)
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -74,7 +78,9 @@ def test_a_20000x1_strip_costs_megabytes_and_milliseconds():
     """Every view (eval and training's 2x view with its random crop) of a 20000x1 strip and its 1x20000 twin.
     Measured on 2 shared cores: before, center_crop made the strip 4,480,000x224 first (+3,983 MiB peak RSS,
     12.5 s; +15.6 GB, 72 s for training's 2x view); now +2 MiB (eval) / +8 MiB (train), 10-40 ms each."""
-    proc = subprocess.run([sys.executable, "-c", MEASURE], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE], check=False, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
     assert len(results) == 6

@@ -1,4 +1,5 @@
 """`python -m geektime.verify`: exit codes, what it prints, and quarantine that moves but never deletes."""
+
 from __future__ import annotations
 
 import os
@@ -56,7 +57,8 @@ def test_reports_each_bad_file_with_reason(dirty, capsys):
     assert ".DS_Store" not in out and ".thumbs" not in out  # hidden: only with --verbose
     assert "png_named" not in out and "good.jpg" not in out
     assert lines[-1].startswith(
-        "6 files checked, 3 bad, 1 non-image file(s) ignored, 1 folder link(s) not followed, 2 hidden entries skipped.")
+        "6 files checked, 3 bad, 1 non-image file(s) ignored, 1 folder link(s) not followed, 2 hidden entries skipped."
+    )
     assert f"  {root / 'dog' / 'loop'}: symlink up the tree" in out  # links are listed without --verbose
     assert "--quarantine" in lines[-1]
     assert all(p.exists() for p in root.rglob("*") if "loop" not in p.parts)  # nothing moved without --quarantine
@@ -105,12 +107,15 @@ def test_clean_folder_exits_zero(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "2 files checked, 0 bad"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/missing"], "no such directory"),
-    (["{tmp}/file.txt"], "not a directory"),
-    (["{tmp}", "--quarantine", "{tmp}/bad"], "inside"),
-    (["{tmp}", "--quarantine", "{tmp}/../file2.txt"], "not a directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing"], "no such directory"),
+        (["{tmp}/file.txt"], "not a directory"),
+        (["{tmp}", "--quarantine", "{tmp}/bad"], "inside"),
+        (["{tmp}", "--quarantine", "{tmp}/../file2.txt"], "not a directory"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path.parent / "file2.txt").write_text("x")
@@ -130,8 +135,14 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_runs_as_a_module(dirty):
     root, _ = dirty
-    result = subprocess.run([sys.executable, "-m", "geektime.verify", str(root), "--workers", "1"],
-                            check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "geektime.verify", str(root), "--workers", "1"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, result.stderr
     assert "3 bad" in result.stdout and "Traceback" not in result.stderr
 
@@ -176,11 +187,18 @@ def test_odd_file_names_are_shown_on_one_line_and_quarantined(tmp_path):
         with open(path, "wb") as f:
             f.write(b"<html>404</html>")
     good_jpeg(root / "cat" / "good.jpg")
-    result = subprocess.run([sys.executable, "-m", "geektime.verify", str(root), "--quarantine", str(quarantine)],
-                            check=False, cwd=REPO, capture_output=True, timeout=60, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    result = subprocess.run(
+        [sys.executable, "-m", "geektime.verify", str(root), "--quarantine", str(quarantine)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     out = result.stdout.decode("utf-8")  # valid UTF-8 even for a Latin-1 name
     assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
     for shown in ("two%0Alines.jpg", "caf%E9.jpg"):
-        assert any(line.startswith(f"  {root / 'cat'}/{shown}: not an image: an HTML/XML page")
-                   for line in out.splitlines()), out
+        assert any(
+            line.startswith(f"  {root / 'cat'}/{shown}: not an image: an HTML/XML page") for line in out.splitlines()
+        ), out
     assert sorted(os.listdir(os.fsencode(quarantine / "cat"))) == [b"caf\xe9.jpg", b"two\nlines.jpg"]

@@ -6,6 +6,7 @@ unusable ones (a 20000x1 strip, a 1x3000 strip, a decompression bomb, a truncate
 file, a dangling link), beside folder links up the tree, back into the split and to itself, hidden files and
 notes. Every tool must use exactly the usable images, none may print a traceback, and memory stays bounded.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, make_image
 from PIL import Image
 
+from conftest import REPO, TINY, make_image
 from geektime.predictions import printable, read_predictions
 
 pytestmark = pytest.mark.slow
@@ -35,10 +36,16 @@ MAX_RSS_GIB = 1.5
 
 def png_bomb(path: Path, width: int, height: int) -> None:
     """A PNG whose header claims width x height (gray, 8 bit); its pixels are never decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def named(folder: Path, name: bytes) -> Path:
@@ -71,8 +78,15 @@ def dirty_folder(folder: Path, outside: Path, colour, seed: int) -> tuple[list[P
     (folder / "page.jpg").write_text("<html><body>404</body></html>")
     (folder / "empty.jpeg").touch()
     (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
-    bad += [folder / "strip_20000x1.png", named(folder, b"tall\nstrip.png"), folder / "bomb.png",
-            named(folder, b"half\xff.jpg"), folder / "page.jpg", folder / "empty.jpeg", folder / "dangling.jpg"]
+    bad += [
+        folder / "strip_20000x1.png",
+        named(folder, b"tall\nstrip.png"),
+        folder / "bomb.png",
+        named(folder, b"half\xff.jpg"),
+        folder / "page.jpg",
+        folder / "empty.jpeg",
+        folder / "dangling.jpg",
+    ]
 
     (folder / "notes.txt").write_text("not an image\n")
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -104,13 +118,23 @@ def worst(tmp_path_factory) -> dict:
 
 def measured(*command: str, out: Path) -> subprocess.CompletedProcess:
     """Run a tool like a user, in a wrapper that records the peak RSS of the tool and everything it started."""
-    wrapper = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
-               "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
-               "sys.exit(code)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, str(out), sys.executable, *command], check=False,
-                          cwd=REPO, capture_output=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc.stdout, proc.stderr = (proc.stdout.decode("utf-8", "surrogateescape"),
-                                proc.stderr.decode("utf-8", "surrogateescape"))
+    wrapper = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+        "sys.exit(code)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper, str(out), sys.executable, *command],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.stdout, proc.stderr = (
+        proc.stdout.decode("utf-8", "surrogateescape"),
+        proc.stderr.decode("utf-8", "surrogateescape"),
+    )
     return proc
 
 
@@ -120,13 +144,29 @@ def pipeline(worst) -> dict:
     run = root / "run"
     cpu = ["trainer.device=cpu", "data.on_bad_image=skip"]
     steps = {
-        "train": ["train.py", *TINY, *cpu, "trainer.epochs=1", "transforms=center_crop",
-                  f"data.train_dir={data / 'train'}", f"data.val_dir={data / 'val'}", f"hydra.run.dir={run}"],
+        "train": [
+            "train.py",
+            *TINY,
+            *cpu,
+            "trainer.epochs=1",
+            "transforms=center_crop",
+            f"data.train_dir={data / 'train'}",
+            f"data.val_dir={data / 'val'}",
+            f"hydra.run.dir={run}",
+        ],
         "evaluate": ["evaluate.py", f"checkpoint={run}", "trainer.threads=1", *cpu],
-        "evaluate test": ["evaluate.py", f"checkpoint={run}", f"data.test_dir={data / 'test'}", "trainer.threads=1", *cpu],
+        "evaluate test": [
+            "evaluate.py",
+            f"checkpoint={run}",
+            f"data.test_dir={data / 'test'}",
+            "trainer.threads=1",
+            *cpu,
+        ],
         "badcases": ["-m", "geektime.badcases", str(run / "eval" / "epoch_001.txt"), "--out", str(root / "bad.html")],
-        **{f"verify {split}": ["-m", "geektime.verify", str(data / split), "--workers", "2"]
-           for split in ("train", "val", "test")},
+        **{
+            f"verify {split}": ["-m", "geektime.verify", str(data / split), "--workers", "2"]
+            for split in ("train", "val", "test")
+        },
     }
     results = {}
     for name, command in steps.items():
@@ -149,8 +189,9 @@ def test_no_tool_prints_a_traceback(pipeline):
 def test_training_uses_exactly_the_usable_images(pipeline, worst):
     truth = worst["truth"]
     text = pipeline["train"].stdout + pipeline["train"].stderr
-    assert (f"2 classes {CLASSES!r}, {len(truth['train']['usable'])} train / "
-            f"{len(truth['val']['usable'])} val images") in text
+    assert (
+        f"2 classes {CLASSES!r}, {len(truth['train']['usable'])} train / {len(truth['val']['usable'])} val images"
+    ) in text
     for split in ("train", "val"):
         assert f"data.{split}_dir: skipping {len(truth[split]['bad'])} unreadable image(s)" in text
 
@@ -167,7 +208,7 @@ def test_evaluation_scores_exactly_the_usable_images(pipeline, worst, split, txt
 def test_verify_flags_exactly_the_unusable_images(pipeline, worst, split):
     out = pipeline[f"verify {split}"].stdout.splitlines()
     truth = worst["truth"][split]
-    listed = out[out.index(f"Unusable images ({len(truth['bad'])}):") + 1:][: len(truth["bad"])]
+    listed = out[out.index(f"Unusable images ({len(truth['bad'])}):") + 1 :][: len(truth["bad"])]
     assert sorted(line.split(": ", 1)[0].strip() for line in listed) == sorted(printable(str(p)) for p in truth["bad"])
     assert out[-1].startswith(f"{len(truth['usable']) + len(truth['bad'])} files checked, {len(truth['bad'])} bad")
     assert "folder link(s) not followed" in out[-1]

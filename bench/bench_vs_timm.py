@@ -21,6 +21,7 @@ heaviest top-level imports.
 timm's train.py and its package come from ../shared/anchors/timm-aa4b585.tgz, unpacked into a temp folder and put
 on PYTHONPATH of timm's process only (never installed into this environment).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def timm_source(anchor: Path, target: Path) -> Path:
     """timm's train.py and package, unpacked once into `target`."""
     if not (target / "train.py").is_file():
         if not anchor.is_file():
-            raise SystemExit(f"error: {anchor} not found: timm's train.py comes from that archive "
-                             "(see ../shared/anchors/README.md)")
+            raise SystemExit(
+                f"error: {anchor} not found: timm's train.py comes from that archive (see ../shared/anchors/README.md)"
+            )
         target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(anchor) as tar:
             tar.extractall(target, filter="data")
@@ -56,29 +58,115 @@ def timm_source(anchor: Path, target: Path) -> Path:
 
 
 def ours_argv(args, model: str, epochs: int, run_dir: Path) -> list[str]:
-    return ["train.py", f"data.train_dir={args.data / 'train'}", f"data.val_dir={args.data / 'valid'}",
-            f"data.image_size={args.size}", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
-            f"model={model}", "model.pretrained=false", "model.dropout_rate=0.2", "model.drop_connect_rate=0.2",
-            f"trainer.epochs={epochs}", f"trainer.threads={args.threads}", "trainer.seed=42",
-            "optimizer=sgd", f"optimizer.lr={args.lr}", "optimizer.momentum=0.9",
-            f"optimizer.weight_decay={args.weight_decay}", "optimizer.nesterov=false",
-            "scheduler=cosine", "scheduler.warmup_epochs=0", "scheduler.min_lr=0",
-            "transforms=center_crop", "transforms.augment.enabled=true", "transforms.augment.hflip=true",
-            "transforms.augment.random_resized_crop=true", "transforms.augment.scale=[0.35,1.0]",
-            "transforms.augment.ratio=[0.75,1.3333]", f"hydra.run.dir={run_dir}"]
+    return [
+        "train.py",
+        f"data.train_dir={args.data / 'train'}",
+        f"data.val_dir={args.data / 'valid'}",
+        f"data.image_size={args.size}",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={args.workers}",
+        f"model={model}",
+        "model.pretrained=false",
+        "model.dropout_rate=0.2",
+        "model.drop_connect_rate=0.2",
+        f"trainer.epochs={epochs}",
+        f"trainer.threads={args.threads}",
+        "trainer.seed=42",
+        "optimizer=sgd",
+        f"optimizer.lr={args.lr}",
+        "optimizer.momentum=0.9",
+        f"optimizer.weight_decay={args.weight_decay}",
+        "optimizer.nesterov=false",
+        "scheduler=cosine",
+        "scheduler.warmup_epochs=0",
+        "scheduler.min_lr=0",
+        "transforms=center_crop",
+        "transforms.augment.enabled=true",
+        "transforms.augment.hflip=true",
+        "transforms.augment.random_resized_crop=true",
+        "transforms.augment.scale=[0.35,1.0]",
+        "transforms.augment.ratio=[0.75,1.3333]",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def timm_argv(args, model: str, epochs: int, out: Path) -> list[str]:
-    return [str(TIMM_SRC / "train.py"), "--data-dir", str(args.data), "--train-split", "train", "--val-split", "valid",
-            "--model", model, "--num-classes", "2", "--img-size", str(args.size), "-b", str(args.batch_size),
-            "--epochs", str(epochs), "--workers", str(args.workers), "--seed", "42",
-            "--opt", "momentum", "--lr", str(args.lr), "--momentum", "0.9", "--weight-decay", str(args.weight_decay),
-            "--sched", "cosine", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--min-lr", "0",
-            "--drop", "0.2", "--drop-path", "0.2", "--smoothing", "0", "--color-jitter", "0", "--reprob", "0",
-            "--mixup", "0", "--cutmix", "0", "--scale", "0.35", "1", "--ratio", "0.75", "1.3333", "--hflip", "0.5",
-            "--crop-pct", "1.0", "--train-interpolation", "bilinear", "--interpolation", "bilinear",
-            "--channels-last", "--device", "cpu", "--log-interval", "50", "--output", str(out),
-            "--experiment", "run"]
+    return [
+        str(TIMM_SRC / "train.py"),
+        "--data-dir",
+        str(args.data),
+        "--train-split",
+        "train",
+        "--val-split",
+        "valid",
+        "--model",
+        model,
+        "--num-classes",
+        "2",
+        "--img-size",
+        str(args.size),
+        "-b",
+        str(args.batch_size),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        str(args.workers),
+        "--seed",
+        "42",
+        "--opt",
+        "momentum",
+        "--lr",
+        str(args.lr),
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        str(args.weight_decay),
+        "--sched",
+        "cosine",
+        "--warmup-epochs",
+        "0",
+        "--cooldown-epochs",
+        "0",
+        "--min-lr",
+        "0",
+        "--drop",
+        "0.2",
+        "--drop-path",
+        "0.2",
+        "--smoothing",
+        "0",
+        "--color-jitter",
+        "0",
+        "--reprob",
+        "0",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
+        "--scale",
+        "0.35",
+        "1",
+        "--ratio",
+        "0.75",
+        "1.3333",
+        "--hflip",
+        "0.5",
+        "--crop-pct",
+        "1.0",
+        "--train-interpolation",
+        "bilinear",
+        "--interpolation",
+        "bilinear",
+        "--channels-last",
+        "--device",
+        "cpu",
+        "--log-interval",
+        "50",
+        "--output",
+        str(out),
+        "--experiment",
+        "run",
+    ]
 
 
 def view_cache(args, run_dir: Path) -> dict[str, str]:
@@ -98,12 +186,14 @@ def timed(argv: list[str], env: dict[str, str], log: Path) -> float:
     """Run `python argv` from the repo root; its wall seconds. Output goes to `log`."""
     started = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              check=False)
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=False
+        )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(argv[:3])} ... exited {proc.returncode}; its output: {log}\n"
-                         + log.read_text()[-3000:])
+        raise SystemExit(
+            f"error: {' '.join(argv[:3])} ... exited {proc.returncode}; its output: {log}\n" + log.read_text()[-3000:]
+        )
     return seconds
 
 
@@ -117,8 +207,11 @@ def last_row(path: Path) -> dict[str, str]:
 
 def run_ours(args, model: str, epochs: int, work: Path) -> tuple[float, float]:
     run_dir = work / f"ours_{model}_{epochs}"
-    seconds = timed(ours_argv(args, model, epochs, run_dir), thread_env(args.threads, view_cache(args, run_dir)),
-                    work / f"{run_dir.name}.log")
+    seconds = timed(
+        ours_argv(args, model, epochs, run_dir),
+        thread_env(args.threads, view_cache(args, run_dir)),
+        work / f"{run_dir.name}.log",
+    )
     return seconds, float(last_row(run_dir / "metrics.csv")["val_acc"])
 
 
@@ -133,6 +226,7 @@ RUNNERS = {"ours": run_ours, "timm": run_timm}
 
 
 # ---------------------------------------------------------------- start-up breakdown of ours
+
 
 class FirstSteps:
     """Wraps the train loader of the first epoch: marks when its iterator exists, the first batch arrives and
@@ -164,9 +258,11 @@ def startup_child(marks_path: str, train_args: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     import torch  # noqa: F401
     import torchvision  # noqa: F401
+
     marks["torch"] = time.time()
     import geektime.cli
     import geektime.train as gt
+
     marks["imports"] = time.time()
     train, build_data, train_one_epoch = gt.train, gt.build_data, gt.train_one_epoch
 
@@ -209,8 +305,14 @@ def heaviest_imports(threads: int, count: int = 12) -> list[tuple[str, float]]:
     """`python -X importtime` of what train.py loads: the heaviest imports that cross from one package into
     another ("torchvision.ops.roi_align -> torch._dynamo"), by cumulative seconds: where start-up can be cut."""
     code = "import geektime.cli, hydra, geektime.train"
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=REPO, env=thread_env(threads),
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        cwd=REPO,
+        env=thread_env(threads),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pending: dict[int, list[tuple[str, float]]] = {}  # depth -> imports waiting for their importer (printed after)
     edges = []
     for line in proc.stderr.splitlines():
@@ -230,15 +332,23 @@ def startup(args, model: str, work: Path) -> dict:
     run_dir = work / f"startup_{model}"
     marks_path = work / f"startup_{model}.json"
     env = thread_env(args.threads, {**view_cache(args, run_dir), "GEEKTIME_BENCH_SPAWN": repr(time.time())})
-    timed([str(Path(__file__).resolve()), "--startup-child", str(marks_path),
-           *ours_argv(args, model, 1, run_dir)[1:]], env, work / f"{run_dir.name}.log")
+    timed(
+        [str(Path(__file__).resolve()), "--startup-child", str(marks_path), *ours_argv(args, model, 1, run_dir)[1:]],
+        env,
+        work / f"{run_dir.name}.log",
+    )
     marks = json.loads(marks_path.read_text())
     phases = {label: marks[b] - marks[a] for label, a, b in PHASES if a in marks and b in marks}
-    return {"phases": phases, "to_first_step": marks["first_step"] - marks["spawn"],
-            "total": marks["end"] - marks["spawn"], "imports": heaviest_imports(args.threads)}
+    return {
+        "phases": phases,
+        "to_first_step": marks["first_step"] - marks["spawn"],
+        "total": marks["end"] - marks["spawn"],
+        "imports": heaviest_imports(args.threads),
+    }
 
 
 # ---------------------------------------------------------------- report
+
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
@@ -251,9 +361,13 @@ def summarize(results: dict) -> dict:
         row = {}
         for tool, runs in tools.items():
             extra = [(t3 - t1) / 2 for t1, t3 in zip(runs["1"]["seconds"], runs["3"]["seconds"])]
-            row[tool] = {"t1": median(runs["1"]["seconds"]), "t3": median(runs["3"]["seconds"]),
-                         "extra_epoch": median(extra), "val_acc_3": median(runs["3"]["val_acc"]),
-                         "repeats": len(extra)}
+            row[tool] = {
+                "t1": median(runs["1"]["seconds"]),
+                "t3": median(runs["3"]["seconds"]),
+                "extra_epoch": median(extra),
+                "val_acc_3": median(runs["3"]["val_acc"]),
+                "repeats": len(extra),
+            }
         row["speedup_total_3"] = row["timm"]["t3"] / row["ours"]["t3"]
         row["speedup_extra_epoch"] = row["timm"]["extra_epoch"] / row["ours"]["extra_epoch"]
         row["speedup_total_1"] = row["timm"]["t1"] / row["ours"]["t1"]
@@ -267,13 +381,17 @@ def print_summary(summary: dict, target: float) -> None:
     for model, row in summary.items():
         for tool in ("ours", "timm"):
             r = row[tool]
-            print(f"| {model} | {tool} | {r['t1']:.1f} | {r['t3']:.1f} | {r['extra_epoch']:.1f} | "
-                  f"{r['val_acc_3']:.3f} | {r['repeats']} |")
+            print(
+                f"| {model} | {tool} | {r['t1']:.1f} | {r['t3']:.1f} | {r['extra_epoch']:.1f} | "
+                f"{r['val_acc_3']:.3f} | {r['repeats']} |"
+            )
     print(f"\ntimm / ours (ours is faster above 1; target >= {target}x):")
     for model, row in summary.items():
         verdict = "met" if min(row["speedup_extra_epoch"], row["speedup_total_3"]) >= target else "NOT met"
-        print(f"  {model}: per extra epoch {row['speedup_extra_epoch']:.2f}x, "
-              f"3-epoch wall {row['speedup_total_3']:.2f}x, 1-epoch wall {row['speedup_total_1']:.2f}x  -> {verdict}")
+        print(
+            f"  {model}: per extra epoch {row['speedup_extra_epoch']:.2f}x, "
+            f"3-epoch wall {row['speedup_total_3']:.2f}x, 1-epoch wall {row['speedup_total_1']:.2f}x  -> {verdict}"
+        )
 
 
 def print_startup(model: str, report: dict) -> None:
@@ -302,8 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--target", type=float, default=1.35)
-    parser.add_argument("--disk-cache", choices=["cold", "warm"], default="cold",
-                        help="ours' on-disk view cache: empty per run (cold) or the user's (warm)")
+    parser.add_argument(
+        "--disk-cache",
+        choices=["cold", "warm"],
+        default="cold",
+        help="ours' on-disk view cache: empty per run (cold) or the user's (warm)",
+    )
     parser.add_argument("--startup", action="store_true", help="also break down our start-up (one more run)")
     parser.add_argument("--anchor", type=Path, default=ANCHOR)
     parser.add_argument("--out", type=Path, default=None, help="keep runs and bench_vs_timm.json here")
@@ -318,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     timm_source(args.anchor, TIMM_SRC)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_vs_timm_"))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"runs and logs in {out}; {args.threads} thread(s), {args.workers} loader worker(s), "
-          f"{args.repeat} repeat(s), {args.disk_cache} view cache", file=sys.stderr)
+    print(
+        f"runs and logs in {out}; {args.threads} thread(s), {args.workers} loader worker(s), "
+        f"{args.repeat} repeat(s), {args.disk_cache} view cache",
+        file=sys.stderr,
+    )
 
     results = {m: {t: {str(e): {"seconds": [], "val_acc": []} for e in EPOCHS} for t in RUNNERS} for m in args.models}
     for rep in range(args.repeat):
@@ -333,8 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                     slot = results[model][tool][str(epochs)]
                     slot["seconds"].append(seconds)
                     slot["val_acc"].append(acc)
-                    print(f"  rep {rep} {model} {tool} {epochs} epoch(s): {seconds:.1f} s, val acc {acc:.3f}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  rep {rep} {model} {tool} {epochs} epoch(s): {seconds:.1f} s, val acc {acc:.3f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     summary = summarize(results)
     report = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results, "summary": summary}
     print_summary(summary, args.target)

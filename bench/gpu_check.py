@@ -17,6 +17,7 @@ Parts, each printed as it finishes (and all of them written to --out as JSON):
 Without CUDA (and without --cpu-smoke) it says so and exits 0. Photos come from ../shared/datasets/doraemon_walle
 when present, else the embedded digits (train.py with no data dirs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,18 @@ def sync(device) -> None:
 
 # ---------------------------------------------------------------- train: the step alone
 
-def train_rate(model_name: str, device, size: int, batch: int, steps: int, warmup: int, amp: bool,
-               channels_last: bool, compiled: bool) -> float:
+
+def train_rate(
+    model_name: str,
+    device,
+    size: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    amp: bool,
+    channels_last: bool,
+    compiled: bool,
+) -> float:
     """Images/s of full training steps on one uint8 batch kept on the device."""
     import torch
     from torch import nn
@@ -110,15 +121,27 @@ def part_train(args, device) -> dict:
         for label, amp, channels_last, compiled in variants:
             amp = amp and device.type == "cuda"  # float16 autocast is a CUDA lever; on CPU the variant runs float32
             started = time.perf_counter()
-            rate = train_rate(model_name, device, args.size, args.batch_size, args.steps,
-                              args.warmup + (3 if compiled else 0), amp, channels_last, compiled)
+            rate = train_rate(
+                model_name,
+                device,
+                args.size,
+                args.batch_size,
+                args.steps,
+                args.warmup + (3 if compiled else 0),
+                amp,
+                channels_last,
+                compiled,
+            )
             rates[f"{model_name} {label}"] = rate
-            print(f"  train {model_name:18s} {label:26s} {rate:9.1f} img/s  ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"  train {model_name:18s} {label:26s} {rate:9.1f} img/s  ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     return rates
 
 
 # ---------------------------------------------------------------- data: the loader alone
+
 
 def loader_rate(cfg, images_wanted: int) -> tuple[float, float, int]:
     """(seconds build_data took, images/s of the train loader after it, workers): epochs cycle until
@@ -146,32 +169,54 @@ def part_data(args, gpu_rate: float | None) -> dict:
     import torch
 
     workers = os.cpu_count() or 1
-    base = [*data_overrides(args.data), f"data.image_size={args.size}", f"data.batch_size={args.batch_size}",
-            f"data.num_workers={workers}", "transforms.augment.enabled=true", "data.disk_cache=false",
-            f"trainer.threads={workers}"]
+    base = [
+        *data_overrides(args.data),
+        f"data.image_size={args.size}",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={workers}",
+        "transforms.augment.enabled=true",
+        "data.disk_cache=false",
+        f"trainer.threads={workers}",
+    ]
     torch.set_num_threads(workers)
     results = {}
-    for label, extra in (("decoded once, in memory", ["data.cache=true"]),
-                         ("decoded on every access", ["data.cache=false"])):
+    for label, extra in (
+        ("decoded once, in memory", ["data.cache=true"]),
+        ("decoded on every access", ["data.cache=false"]),
+    ):
         built, rate, used = loader_rate(compose(base + extra), args.data_images)
         results[label] = {"build_data_s": built, "loader_img_s": rate, "workers": used}
-        verdict = "" if gpu_rate is None else (
-            f"  vs training {gpu_rate:.0f} img/s: {'keeps up' if rate >= gpu_rate else 'TOO SLOW'} "
-            f"({rate / gpu_rate:.2f}x)")
-        print(f"  data  {label:26s} build_data {built:6.1f} s, loader {rate:8.1f} img/s, {used} workers{verdict}",
-              flush=True)
+        verdict = (
+            ""
+            if gpu_rate is None
+            else (
+                f"  vs training {gpu_rate:.0f} img/s: {'keeps up' if rate >= gpu_rate else 'TOO SLOW'} "
+                f"({rate / gpu_rate:.2f}x)"
+            )
+        )
+        print(
+            f"  data  {label:26s} build_data {built:6.1f} s, loader {rate:8.1f} img/s, {used} workers{verdict}",
+            flush=True,
+        )
     return results
 
 
 # ---------------------------------------------------------------- eval and ddp: the scripts as a user runs them
+
 
 def run(argv: list[str], env: dict | None = None, timeout: float | None = None) -> float:
     """Wall seconds of `argv` from the repo root. On a timeout it gets SIGTERM (torchrun passes it to its
     workers, which run in sessions of their own), then SIGKILL, and TimeoutError is raised."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, **(env or {})), start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, **(env or {})),
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -189,10 +234,18 @@ def run(argv: list[str], env: dict | None = None, timeout: float | None = None) 
 
 
 def train_argv(args, run_dir: Path, device: str) -> list[str]:
-    return ["train.py", *data_overrides(args.data), f"data.image_size={args.size}", "model=efficientnet_b0",
-            "model.pretrained=false", f"trainer.epochs={args.epochs}", f"trainer.device={device}",
-            f"trainer.amp={str(device != 'cpu').lower()}", "transforms.augment.enabled=true",
-            f"hydra.run.dir={run_dir}"]
+    return [
+        "train.py",
+        *data_overrides(args.data),
+        f"data.image_size={args.size}",
+        "model=efficientnet_b0",
+        "model.pretrained=false",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.device={device}",
+        f"trainer.amp={str(device != 'cpu').lower()}",
+        "transforms.augment.enabled=true",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def part_eval(args, device: str, work: Path) -> dict:
@@ -204,12 +257,17 @@ def part_eval(args, device: str, work: Path) -> dict:
 
     val_dir = args.data / "valid" if args.data else ensure_digits()[1]
     images = len(checkpoints) * len(list_images(val_dir))
-    eval_s = run([sys.executable, "evaluate.py", f"checkpoint={run_dir}", f"trainer.device={device}"],
-                 {"GEEKTIME_CACHE": str(work / "views")})
+    eval_s = run(
+        [sys.executable, "evaluate.py", f"checkpoint={run_dir}", f"trainer.device={device}"],
+        {"GEEKTIME_CACHE": str(work / "views")},
+    )
     result = {"train_s": train_s, "evaluate_s": eval_s, "checkpoints": len(checkpoints), "images": images}
     rate = f", {images / eval_s:.1f} img/s end to end" if eval_s else ""
-    print(f"  eval  train.py {args.epochs} epoch(s) {train_s:.1f} s; evaluate.py over {len(checkpoints)} checkpoints "
-          f"{eval_s:.1f} s{rate}", flush=True)
+    print(
+        f"  eval  train.py {args.epochs} epoch(s) {train_s:.1f} s; evaluate.py over {len(checkpoints)} checkpoints "
+        f"{eval_s:.1f} s{rate}",
+        flush=True,
+    )
     return result
 
 
@@ -218,8 +276,16 @@ def part_ddp(args, device: str, work: Path, single_s: float) -> dict:
     result = {"single_process_s": single_s}
     for label, extra in (("default", []), ("data.disk_cache=false", ["data.disk_cache=false"])):
         run_dir = work / f"ddp_{len(result)}"
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                *train_argv(args, run_dir, device), *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *train_argv(args, run_dir, device),
+            *extra,
+        ]
         try:
             seconds = run(argv, {"GEEKTIME_CACHE": str(work / "views")}, timeout=max(120.0, 3 * single_s))
         except TimeoutError as err:
@@ -228,8 +294,12 @@ def part_ddp(args, device: str, work: Path, single_s: float) -> dict:
             continue
         ok = (run_dir / "last.pth").is_file()
         result[label] = {"seconds": seconds, "last_pth": ok}
-        print(f"  ddp   torchrun 2 processes ({label}), {args.epochs} epoch(s): {seconds:.1f} s "
-              f"(1 process: {single_s:.1f} s), last.pth {'written' if ok else 'MISSING'}", flush=True)
+        single = f" (1 process: {single_s:.1f} s)" if single_s else ""
+        print(
+            f"  ddp   torchrun 2 processes ({label}), {args.epochs} epoch(s): {seconds:.1f} s{single}, "
+            f"last.pth {'written' if ok else 'MISSING'}",
+            flush=True,
+        )
         if not ok:
             raise RuntimeError(f"torchrun wrote no {run_dir / 'last.pth'}")
         break
@@ -249,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-images", type=int, default=2000, help="images the data part draws per variant")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--data", type=Path, default=DATA if (DATA / "train").is_dir() else None)
-    parser.add_argument("--parts", nargs="+", choices=["train", "data", "eval", "ddp"],
-                        default=["train", "data", "eval", "ddp"])
+    parser.add_argument(
+        "--parts", nargs="+", choices=["train", "data", "eval", "ddp"], default=["train", "data", "eval", "ddp"]
+    )
     parser.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
     args = parser.parse_args(argv)
 
@@ -258,8 +329,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu_smoke:
-        print("gpu_check: no CUDA device (torch.cuda.is_available() is False): skipping the GPU checks. "
-              "`python bench/gpu_check.py --cpu-smoke` runs every part briefly on the CPU.")
+        print(
+            "gpu_check: no CUDA device (torch.cuda.is_available() is False): skipping the GPU checks. "
+            "`python bench/gpu_check.py --cpu-smoke` runs every part briefly on the CPU."
+        )
         return 0
     if args.cpu_smoke:
         args.batch_size, args.size, args.steps, args.warmup = 4, 64, 2, 1
@@ -267,17 +340,34 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda and not args.cpu_smoke else "cpu")
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     name = torch.cuda.get_device_name(0) if gpus else "cpu (smoke run)"
-    print(f"gpu_check: {name}, {gpus} GPU(s), {os.cpu_count()} CPU cores, torch {torch.__version__}; "
-          f"data: {args.data or 'embedded digits'}; batch {args.batch_size} at {args.size} px", flush=True)
-    report: dict = {"device": name, "gpus": gpus, "cores": os.cpu_count(), "torch": torch.__version__,
-                    "batch_size": args.batch_size, "size": args.size, "smoke": args.cpu_smoke}
+    print(
+        f"gpu_check: {name}, {gpus} GPU(s), {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        f"data: {args.data or 'embedded digits'}; batch {args.batch_size} at {args.size} px",
+        flush=True,
+    )
+    report: dict = {
+        "device": name,
+        "gpus": gpus,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "smoke": args.cpu_smoke,
+    }
     failures = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        parts = [("train", lambda: part_train(args, device)),
-                 ("data", lambda: part_data(args, report.get("train", {}).get(
-                     "efficientnet_b0 amp+channels_last") if device.type == "cuda" else None)),
-                 ("eval", lambda: part_eval(args, device.type, work))]
+        parts = [
+            ("train", lambda: part_train(args, device)),
+            (
+                "data",
+                lambda: part_data(
+                    args,
+                    report.get("train", {}).get("efficientnet_b0 amp+channels_last") if device.type == "cuda" else None,
+                ),
+            ),
+            ("eval", lambda: part_eval(args, device.type, work)),
+        ]
         if gpus >= 2 or args.cpu_smoke:
             parts.append(("ddp", lambda: part_ddp(args, device.type, work, report.get("eval", {}).get("train_s", 0))))
         elif "ddp" in args.parts:

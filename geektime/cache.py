@@ -37,6 +37,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import time
@@ -153,7 +154,7 @@ class ViewCache:
                 return None
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                lock = self._lock(name)
+                lock, complete = self._acquire(name)
             except OSError as err:
                 log.warning(
                     "data.cache_dir=%s: %s; decoding without the disk cache (set data.cache_dir to a "
@@ -163,7 +164,7 @@ class ViewCache:
                 )
                 return None
             try:
-                if self._read_index(name) is None:
+                if not complete:
                     if not self._make_room(entry_bytes, keep=name):
                         os.close(lock)
                         return None
@@ -192,26 +193,38 @@ class ViewCache:
 
     # ------------------------------------------------------------ entries
 
-    def _lock(self, name: str) -> int:
-        """The entry's lock file, locked exclusively (waiting while another process builds the entry).
+    def _acquire(self, name: str) -> tuple[int, bool]:
+        """The entry's lock file, held shared when the entry is complete (returns (fd, True)), or exclusive for
+        this process to build it (returns (fd, False)).
 
-        The path is checked to still name the locked file: eviction unlinks lock files, and a lock on an
-        unlinked one would exclude nobody."""
+        Shared first: processes that only map a complete entry never wait for each other, so torchrun's ranks
+        (which then meet in collectives) cannot deadlock on it. A process that finds the entry incomplete tries
+        for the exclusive lock without waiting, and backs off while another process builds. The path is checked
+        to still name the locked file: eviction unlinks lock files, and a lock on an unlinked one excludes nobody."""
         path = self.root / f"{name}.lock"
+        said = False
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process to finish decoding %s into %s", name, self.root)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a builder holds it exclusively
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
                 same = False
+            if same and self._read_index(name) is not None:
+                return fd, True
             if same:
-                return fd
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if self._read_index(name) is not None:  # built between the two locks
+                        fcntl.flock(fd, fcntl.LOCK_SH)
+                        return fd, True
+                    return fd, False
+                except BlockingIOError:
+                    if not said:
+                        log.info("waiting for another process to finish decoding %s into %s", name, self.root)
+                        said = True
             os.close(fd)
+            time.sleep(0.05 + random.random() * 0.1)
 
     def _read_index(self, name: str) -> dict | None:
         """The entry's index when the entry is complete, else None."""

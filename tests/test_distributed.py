@@ -59,7 +59,8 @@ def test_two_processes_write_one_run_folder_from_rank_0(ddp):
     run = runs[0]
     assert sorted(p.name for p in run.glob("*.pth")) == ["epoch_001.pth", "epoch_002.pth", "last.pth"]
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.pth*"))
-    assert len(list((run / "tb").iterdir())) == 1  # one event file: rank 0's
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # one event file: rank 0's
+    assert len(list((run / "tb" / "hparams").iterdir())) == 1  # and one HParams session
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "result.json").is_file()
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
     log = (run / "train.log").read_text()

@@ -116,8 +116,17 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("train_dir", "val_dir"):
         if cfg.data[key] is not None:
             existing_dir(f"data.{key}", cfg.data[key])
-    if (cfg.data.train_dir is None) != (cfg.data.val_dir is None):
-        raise ConfigError("give both data.train_dir and data.val_dir (or neither, for the embedded digits)")
+    if cfg.data.valid_pct:
+        if cfg.data.train_dir is None or cfg.data.val_dir is not None:
+            raise ConfigError(
+                f"data.valid_pct={cfg.data.valid_pct} splits data.train_dir into train and val: give "
+                "data.train_dir and leave data.val_dir unset"
+            )
+    elif (cfg.data.train_dir is None) != (cfg.data.val_dir is None):
+        raise ConfigError(
+            "give both data.train_dir and data.val_dir (or neither, for the embedded digits), or "
+            "data.train_dir with data.valid_pct=0.2 to hold out a share of it"
+        )
 
 
 def resolved_image_size(cfg: DictConfig) -> tuple[int, int]:

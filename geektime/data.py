@@ -477,30 +477,17 @@ def loader_workers(dcfg, dataset: Dataset, processes: int = 1) -> int:
     return max(1, min(4, cpu_count() // processes))
 
 
-def folder_split(
-    key: str,
-    folder: ImageFolder,
-    tcfg,
-    dcfg,
-    size: tuple[int, int],
-    train: bool,
-    workers: int | None = None,
-    progress: bool = True,
-    seed: int = 0,
-) -> ImageSplit:
-    return load_split(
-        key,
-        [p for p, _ in folder.samples],
-        folder.targets,
-        folder.root,
-        tcfg,
-        dcfg,
-        size,
-        train,
-        workers,
-        progress,
-        seed,
-    )
+def held_out(folder: ImageFolder, valid_pct: float, seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, val) samples of one folder: `valid_pct` of each class held out, the same for the same files and
+    seed (geektime.split's stratified assignment), so the evaluator finds the same val images again."""
+    from geektime.split import assign_splits
+
+    by_class: dict[str, list[str]] = {}
+    for path, target in folder.samples:
+        by_class.setdefault(folder.classes[target], []).append(path)
+    chosen = assign_splits(by_class, valid_pct, 0.0, seed)
+    train = [(p, t) for p, t in folder.samples if chosen[p] == "train"]
+    return train, [(p, t) for p, t in folder.samples if chosen[p] == "val"]
 
 
 def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Data:
@@ -510,11 +497,23 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
         train_dir, val_dir = ensure_digits()
     size = resolved_image_size(cfg)
     train_folder = open_folder("data.train_dir", train_dir)
-    val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
+    if cfg.data.get("valid_pct"):
+        train_samples, val_samples = held_out(train_folder, cfg.data.valid_pct, cfg.trainer.seed)
+        val_key, val_root = f"data.valid_pct={cfg.data.valid_pct} of data.train_dir", train_folder.root
+    else:
+        val_folder = open_folder("data.val_dir", val_dir, train_folder.classes)
+        train_samples, val_samples, val_key, val_root = (
+            train_folder.samples,
+            val_folder.samples,
+            "data.val_dir",
+            val_dir,
+        )
     decode_workers = max(1, cpu_count() // world_size)
-    train = folder_split(
+    train = load_split(
         "data.train_dir",
-        train_folder,
+        [p for p, _ in train_samples],
+        [t for _, t in train_samples],
+        train_folder.root,
         cfg.transforms,
         cfg.data,
         size,
@@ -523,7 +522,18 @@ def build_data(cfg, rank: int = 0, world_size: int = 1, pin_memory: bool = False
         rank == 0,
         seed=cfg.trainer.seed,
     )
-    val = folder_split("data.val_dir", val_folder, cfg.transforms, cfg.data, size, False, decode_workers, rank == 0)
+    val = load_split(
+        val_key,
+        [p for p, _ in val_samples],
+        [t for _, t in val_samples],
+        str(val_root),
+        cfg.transforms,
+        cfg.data,
+        size,
+        False,
+        decode_workers,
+        rank == 0,
+    )
     if len(train) < 2 * world_size or len(val) == 0:
         key, count = ("data.train_dir", len(train)) if len(train) < 2 * world_size else ("data.val_dir", len(val))
         raise ConfigError(

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from geektime import checkpoint
 from geektime.config import image_size
-from geektime.data import InputNormalizer, ensure_digits, eval_loader, load_split, open_folder
+from geektime.data import InputNormalizer, ensure_digits, eval_loader, held_out, load_split, open_folder
 from geektime.engine import predict
 from geektime.errors import ConfigError
 from geektime.images import list_images
@@ -154,13 +154,22 @@ def load_inputs(cfg: DictConfig, first: dict) -> Inputs:
             raise ConfigError(f"data.test_dir={root}: no images found")
         targets = [-1] * len(paths)
     else:
-        key = "data.val_dir"
-        root = str(cfg.data.val_dir or first["config"]["data"].get("val_dir") or ensure_digits()[1])
+        key, trained_on = "data.val_dir", first["config"]["data"]
+        held = cfg.data.val_dir is None and trained_on.get("valid_pct")
+        root = str(
+            cfg.data.val_dir
+            or (trained_on["train_dir"] if held else None)
+            or trained_on.get("val_dir")
+            or ensure_digits()[1]
+        )
         try:
             folder = open_folder(key, root, first["classes"])
         except ConfigError as err:
             raise ConfigError(f"{err} (the checkpoint holds {checkpoint.describe(first)})") from None
-        paths, targets = [p for p, _ in folder.samples], folder.targets
+        samples = folder.samples
+        if held:  # the images the run held out of its train folder, found again the same way
+            samples = held_out(folder, trained_on["valid_pct"], first["config"]["trainer"]["seed"])[1]
+        paths, targets = [p for p, _ in samples], [t for _, t in samples]
     split = load_split(key, paths, targets, root, tcfg, cfg.data, size, train=False, workers=cpu_count())
     if len(split) == 0:
         raise ConfigError(f"{key}={root}: no usable images left")
@@ -344,9 +353,18 @@ def evaluate_sweep(cfg: DictConfig, jobs: list[Job], sweep_dir: Path) -> dict | 
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         size, tcfg = input_settings(cfg, job.first)
-        val_dir = cfg.data.test_dir or cfg.data.val_dir or job.first["config"]["data"].get("val_dir")
+        trained_on = job.first["config"]["data"]
+        val_dir = cfg.data.test_dir or cfg.data.val_dir or trained_on.get("val_dir")
+        held = [trained_on.get("train_dir"), trained_on.get("valid_pct"), job.first["config"]["trainer"]["seed"]]
         key = json.dumps(
-            [str(val_dir), size, OmegaConf.to_container(tcfg), job.first["normalization"], job.first["classes"]],
+            [
+                str(val_dir),
+                None if val_dir else held,
+                size,
+                OmegaConf.to_container(tcfg),
+                job.first["normalization"],
+                job.first["classes"],
+            ],
             sort_keys=True,
         )
         groups.setdefault(key, []).append(job)

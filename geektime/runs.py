@@ -21,7 +21,7 @@ from geektime.distributed import launch_rank
 from geektime.errors import RunFolderError
 
 # Files and folders a run writes into its folder; their presence means the folder holds a run.
-RUN_FILES = ("last.pth", "metrics.csv", "result.json", "tb", "eval")
+RUN_FILES = ("last.pth", "metrics.csv", "result.json", "tb", "eval", "split.csv")
 # What Hydra writes into every run folder before the run starts.
 HYDRA_FILES = {".hydra", "train.log", "lr_find.log"}  # and .hydra-<time>/ folders
 

@@ -110,6 +110,7 @@ class SplitConfig:
 @dataclass
 class DataConfig(SplitConfig):
     train_dir: Optional[str] = None
+    valid_pct: float = _range(0.0, 0.0, 0.9)  # > 0: hold out this share of train_dir (per class) as val
     batch_size: int = _range(16, 1)
 
 

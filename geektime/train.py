@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -140,6 +141,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data = build_data(cfg, procs.rank, procs.world_size, pin_memory=device.type == "cuda")
     classes = data.classes
+    if cfg.data.valid_pct and procs.is_main:  # which images this run held out, for a person to look at
+        with (run_dir / "split.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "split"])
+            writer.writerows([(p, "train") for p in data.train.paths] + [(p, "val") for p in data.val.paths])
     columns = metric_columns(classes)
     if cfg.sweep_metric not in columns[1:]:
         raise ConfigError(f"sweep_metric={cfg.sweep_metric!r} is not one of: {', '.join(columns[1:])}")

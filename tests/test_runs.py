@@ -182,3 +182,37 @@ def test_threads_default_to_the_cores_shared_out():
 
     assert default_threads(1) == cpu_count() and default_threads(cpu_count() * 2) == 1
     assert os.cpu_count() >= 1
+
+
+@pytest.mark.slow
+def test_valid_pct_holds_out_a_share_and_the_evaluator_finds_the_same_images(tmp_path, folders):
+    """Issue 17.4: one folder in; the held-out images are recorded in the run and evaluated again by default."""
+    import csv
+
+    from geektime.predictions import read_predictions
+
+    run = tmp_path / "run"
+    run_script(
+        "train.py",
+        *TINY,
+        f"data.train_dir={folders[0]}",
+        "data.valid_pct=0.25",
+        "trainer.epochs=1",
+        f"hydra.run.dir={run}",
+    )
+    rows = list(csv.DictReader((run / "split.csv").open()))
+    held = sorted(r["path"] for r in rows if r["split"] == "val")
+    assert len(held) == 6 and {p.split("/")[-2] for p in held} == {"blue", "red"}  # 3 of 12 per class
+    assert len(rows) == 24
+    run_script("evaluate.py", f"checkpoint={run}")
+    assert sorted(read_predictions(run / "eval" / "epoch_001.txt").paths) == held
+    proc = run_script(
+        "train.py",
+        *TINY,
+        f"data.train_dir={folders[0]}",
+        f"data.val_dir={folders[1]}",
+        "data.valid_pct=0.2",
+        f"hydra.run.dir={tmp_path / 'both'}",
+        check=False,
+    )
+    assert proc.returncode == 2 and "leave data.val_dir unset" in proc.stderr

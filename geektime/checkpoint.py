@@ -307,7 +307,12 @@ class CheckpointSaver:
         model.load_state_dict(ckpt["model"])
         saved = ckpt.get("optimizer")
         if with_optimizer and saved and len(saved["param_groups"]) == len(optimizer.param_groups):
+            # The state (momentum buffers, Adam moments) from the checkpoint; the hyper-parameters (lr, weight
+            # decay, ...) from this run's config, which a resume may change on the command line.
+            hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(saved)
+            for group, values in zip(optimizer.param_groups, hyper):
+                group.update(values)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         self.saved_epoch = int(ckpt["epoch"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,12 @@ def train_tiny(run_dir: Path, train_dir: Path, val_dir: Path, *extra: str, check
     )
 
 
+def _default_sigint() -> None:
+    # A shell that runs the suite in the background ignores SIGINT for it, and an ignored SIGINT is inherited:
+    # the child must get Python's own Ctrl-C handling, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(script: str, *args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start `python <script> args...` from the repo in the background, stdout and stderr into `log`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -126,4 +133,5 @@ def start_script(script: str, *args: str, log: Path, env: dict | None = None) ->
             stderr=subprocess.STDOUT,
             text=True,
             env=full_env,
+            preexec_fn=_default_sigint,
         )

@@ -616,7 +616,7 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
             if proc.poll() is None:
                 proc.kill()
         if resumes_from is not None:  # this trial continued from the newest checkpoint the last kill left
-            assert f"resuming from {run / 'last.pth'} (epoch {resumes_from} done)" in log.read_text()
+            assert f"resuming from {run / 'last.pth'} (epoch {resumes_from} done" in log.read_text()
         kills += 1
         COUNTS["SIGKILL"] += 1
         torn = [n for n in os.listdir(run) if TMP_CHECKPOINT.match(n)]  # (a resume removes older ones first)
@@ -632,7 +632,7 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint_and_resume_finishes(
     torn = [n for n in os.listdir(run) if TMP_CHECKPOINT.match(n)]
     proc = run_script("train.py", f"trainer.resume={run}", check=False)
     assert proc.returncode == 0, out(proc)[-4000:]
-    assert f"resuming from {run / 'last.pth'} (epoch {resumes_from} done)" in out(proc)
+    assert f"resuming from {run / 'last.pth'} (epoch {resumes_from} done" in out(proc)
     if torn:  # (each resume above already removed those of the kill before it)
         assert f"removed {len(torn)} temp file(s) of interrupted checkpoint saves" in out(proc)
     assert not [n for n in os.listdir(run) if TMP_CHECKPOINT.match(n)], "torn temp files are removed on resume"
@@ -685,7 +685,7 @@ def test_ctrl_c_says_which_epoch_a_resume_starts_at_and_resume_finishes(tmp_path
 
     proc = run_script("train.py", f"trainer.resume={run}", check=False)
     assert proc.returncode == 0, out(proc)[-3000:]
-    assert f"(epoch {next_epoch - 1} done)" in out(proc)
+    assert f"(epoch {next_epoch - 1} done" in out(proc)
     assert verify_checkpoints(run)["last.pth"] == 4
 
 

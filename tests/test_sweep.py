@@ -468,7 +468,7 @@ def test_optuna_preset_searches_lr_and_weight_decay_and_the_summary_ranks_its_tr
     assert summary["jobs"] == summary["expected_jobs"] == 2 and summary["failed"] == 0
     for row in summary["rows"]:
         assert 1e-4 <= float(row["optimizer.lr"]) <= 0.3 and 1e-6 <= float(row["optimizer.weight_decay"]) <= 1e-3
-        assert f"optimizer.lr={row['optimizer.lr']}" in Path(row["run_dir"]).name  # the trial's job folder
+        assert f"optimizer.lr:{row['optimizer.lr']}" in Path(row["run_dir"]).name  # the trial's job folder
     # Optuna's best trial is the summary's first row (maximize val_acc; ties: Optuna keeps the first trial too).
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert best.best_value == pytest.approx(summary["rows"][0]["val_acc"])

@@ -239,3 +239,19 @@ def test_ranks_other_than_0_get_no_run_folder_hydra_files_or_log_file(monkeypatc
     assert rank1.hydra.output_subdir is None and rank1.hydra.run.dir == "."
     assert rank1.hydra.job_logging.root.level == "WARNING"
     assert list(rank1.hydra.job_logging.root.handlers) == ["console", "none"]
+
+
+@pytest.mark.slow
+def test_a_staged_fine_tune_crosses_its_phase_boundary_under_torchrun(tmp_path, folders):
+    """Issue 14: 2 gloo processes, the frozen phase then the unfrozen one (DDP wrapped again at the boundary):
+    each epoch's checkpoint records its phase, the body learns after the boundary, and both epochs are saved once."""
+    run = tmp_path / "run"
+    data = [f"data.train_dir={folders[0]}", f"data.val_dir={folders[1]}"]
+    proc = torchrun(*DDP, *data, "finetune=staged", "finetune.freeze_epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "frozen phase" in log and "unfrozen phase" in log
+    first, second = (torch.load(run / f"epoch_00{e}.pth", weights_only=True) for e in (1, 2))
+    assert (first["phase"], second["phase"]) == ("frozen", "unfrozen")
+    weights = [k for k in first["model"] if k.startswith("layer1.") and k.endswith("weight")]
+    assert weights and any(not torch.equal(first["model"][k], second["model"][k]) for k in weights)
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]

@@ -259,6 +259,7 @@ class ImageSplit(Dataset):
 
     def __init__(self, paths: list[str], targets: torch.Tensor, augmentation=None, seed: int = 0):
         self.paths, self.targets, self.augmentation, self.seed = paths, targets, augmentation, seed
+        self.skipped: list[tuple[str, str]] = []  # unusable files left out (data.on_bad_image=skip), with reasons
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -443,8 +444,11 @@ def load_split(
             images = images[keep]
         paths, targets = [paths[i] for i in keep], targets[keep]
     if images is None:
-        return FileImages(paths, targets, transform, min_size, augmentation, seed)
-    return DecodedImages(images, targets, paths, augmentation, seed)
+        split = FileImages(paths, targets, transform, min_size, augmentation, seed)
+    else:
+        split = DecodedImages(images, targets, paths, augmentation, seed)
+    split.skipped = bad
+    return split
 
 
 def eval_loader(split: ImageSplit, dcfg, processes: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -166,9 +166,9 @@ class Engine:
                 self._module = eager_model(ckpt, fold=fold)
         self.classes: list[str] = list(self.info["classes"])
         self.image_size: tuple[int, int] = tuple(self.info["image_size"])
-        self._tcfg = OmegaConf.create(self.info["transforms"])
-        self.transform = build_transform(self._tcfg, self.image_size, train=False)
-        self.min_size = decode_size(self._tcfg, self.image_size, train=False)
+        self.tcfg = OmegaConf.create(self.info["transforms"])
+        self.transform = build_transform(self.tcfg, self.image_size, train=False)
+        self.min_size = decode_size(self.tcfg, self.image_size, train=False)
 
     def _read_sidecar(self) -> dict:
         meta = sidecar(self.path)

@@ -14,14 +14,16 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from geektime.checkpoint import CheckpointError
-from geektime.data import decode_all
+from geektime.data import eval_loader, load_split
 from geektime.images import IMAGE_EXTENSIONS, list_images
 from geektime.inference import Engine, ModelFileError
 from geektime.machine import cpu_count
 from geektime.predictions import write_predictions
+from geektime.schema import EvalDataConfig
 
 
 class UsageError(ValueError):
@@ -49,25 +51,28 @@ def collect(inputs: list[str]) -> tuple[list[str], list[Path]]:
 def predict_files(
     engine: Engine, paths: list[str], batch_size: int = 32, progress: bool = True
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """(probabilities, the paths they belong to, unreadable files with their reasons)."""
-    images, bad = decode_all(
+    """(probabilities, the paths they belong to, unreadable files with their reasons).
+
+    The images come through `data.load_split`, the path training and evaluation use (decoded once in memory, or
+    streamed in workers when they are many; nothing written to the disk cache for ad-hoc photos)."""
+    dcfg = OmegaConf.structured(EvalDataConfig(batch_size=batch_size, on_bad_image="skip", disk_cache=False))
+    split = load_split(
+        "images",
         paths,
-        engine.transform,
-        engine.min_size,
+        [-1] * len(paths),
+        ".",
+        engine.tcfg,
+        dcfg,
         engine.image_size,
+        train=False,
         workers=cpu_count(),
-        desc="decoding",
         progress=progress,
     )
-    if bad:
-        unusable = {p for p, _ in bad}
-        keep = np.array([p not in unusable for p in paths])
-        images, paths = images[keep], [p for p, k in zip(paths, keep) if k]
-    batches = range(0, len(paths), batch_size)
-    bar = tqdm(batches, desc="predicting", unit="batch", leave=False, disable=not progress or len(batches) < 2)
-    out = [engine.predict(images[i : i + batch_size].numpy()) for i in bar]
+    loader = eval_loader(split, dcfg)
+    bar = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
+    out = [engine.predict(images.numpy()) for images, _ in bar]
     probs = np.concatenate(out) if out else np.zeros((0, len(engine.classes)), dtype=np.float32)
-    return probs, paths, bad
+    return probs, split.paths, split.skipped
 
 
 def main(argv: list[str] | None = None) -> int:

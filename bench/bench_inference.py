@@ -8,8 +8,10 @@ Figures are medians over rounds of images/s; ratios are against timm's eager eff
     python bench/bench_inference.py [--batch-size 16] [--image-size 224] [--threads 2] [--rounds 8]
         [--iters 3] [--compile] [--profile]
 
-Variants: timm eager channels_last; ours eager as evaluate.py runs it (channels_last, BatchNorm as modules);
-ours with BatchNorm folded (geektime.inference.fold_batchnorm); ours exported to ONNX, in onnxruntime; and with
+Variants: timm eager channels_last; ours eager with BatchNorm as modules (channels_last);
+ours with BatchNorm folded (geektime.inference.fold_batchnorm), with its activations out of place (as before
+this round) and in place (now); that traced, frozen and passed through
+torch.jit.optimize_for_inference (oneDNN conv fusions); ours exported to ONNX, in onnxruntime; and with
 --compile, torch.compile of the folded model. --profile prints each eager variant's most expensive operators.
 timm is installed once with `pip install --no-deps --target` into a cache folder and added to sys.path here only.
 """
@@ -101,19 +103,26 @@ def main() -> int:
     theirs = timm.create_model("efficientnet_b0", num_classes=2, pretrained=False).eval()
     randomize_batchnorm(theirs, seed=1)
 
+    out_of_place = fold_batchnorm(copy.deepcopy(ours))
+    for module in out_of_place.modules():
+        if hasattr(module, "inplace"):  # Swish, ReLU6: what the model did before this round
+            module.inplace = False
     channels_last = torch.channels_last
     variants = {
         "timm eager (channels_last)": Deployable(theirs.to(memory_format=channels_last), "imagenet", True).eval(),
-        "ours eager (evaluate.py today)": Deployable(
+        "ours eager, BatchNorm unfolded": Deployable(
             copy.deepcopy(ours).to(memory_format=channels_last), "imagenet", True
         ).eval(),
-        "ours eager, BatchNorm folded": Deployable(
+        "ours folded, out-of-place act": Deployable(
+            out_of_place.to(memory_format=channels_last), "imagenet", True
+        ).eval(),
+        "ours folded (evaluate.py now)": Deployable(
             fold_batchnorm(copy.deepcopy(ours)).to(memory_format=channels_last), "imagenet", True
         ).eval(),
     }
     x = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8)
     with torch.inference_mode():
-        reference = variants["ours eager (evaluate.py today)"](x).numpy()
+        reference = variants["ours eager, BatchNorm unfolded"](x).numpy()
 
     import onnxruntime as ort
 
@@ -127,8 +136,16 @@ def main() -> int:
         print(f"ONNX export {time.perf_counter() - t0:.1f} s")
     runners = {name: functools.partial(run_torch, model, x) for name, model in variants.items()}
     runners["ours onnxruntime (exported)"] = lambda: session.run(None, {"images": x.numpy()})[0]
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.no_grad():
+        frozen = torch.jit.optimize_for_inference(
+            torch.jit.freeze(torch.jit.trace(variants["ours folded (evaluate.py now)"], x[:2]).eval())
+        )
+        frozen(x)
+    print(f"TorchScript trace + freeze + optimize_for_inference {time.perf_counter() - t0:.1f} s")
+    runners["ours TorchScript frozen, folded"] = lambda: frozen(x).numpy()
     if args.compile:
-        compiled = torch.compile(variants["ours eager, BatchNorm folded"])
+        compiled = torch.compile(variants["ours folded (evaluate.py now)"])
         t0 = time.perf_counter()
         with torch.inference_mode():
             compiled(x)
@@ -163,7 +180,7 @@ def main() -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("timm eager (channels_last)", "ours eager (evaluate.py today)", "ours eager, BatchNorm folded"):
+        for name in ("timm eager (channels_last)", "ours eager, BatchNorm unfolded", "ours folded (evaluate.py now)"):
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(args.iters):
                     runners[name]()

@@ -8,12 +8,12 @@ drop-connect 0.2, random-resized crop (scale 0.35..1, ratio 0.75..1.333) and hor
 colour jitter, label smoothing, mixup, cutmix, auto-augment, random erasing or EMA), validation every epoch on
 the same centre-crop view (ours: transforms=center_crop; timm: --crop-pct 1.0), each saving its checkpoints.
 
-Each (model, tool) runs for 1 and for 3 epochs, --repeat times, interleaved so that both tools see the same
-background load (the tool order alternates per repeat). Reported per tool: median process wall time at 1 and 3
-epochs, per extra epoch ((t3 - t1) / 2) and the final val accuracy; then timm/ours ratios (>= 1.35x is the
-target). `--startup` adds one instrumented 1-epoch run of ours (a driver in this file patches timers around
-Hydra's task, build_data and the first training step; the product is unchanged) and `python -X importtime`'s
-heaviest top-level imports.
+Each (model, tool) runs for 1 and for 3 epochs, --repeat times (seed 42 + repeat, the same for both tools),
+interleaved so that both tools see the same background load (the tool order alternates per repeat). Reported per
+tool: median process wall time at 1 and 3 epochs, per extra epoch ((t3 - t1) / 2) and the final val accuracy;
+then timm/ours ratios (>= 1.35x is the target). `--startup` adds one instrumented 1-epoch run of ours (a driver
+in this file patches timers around Hydra's task, build_data and the first training step; the product is
+unchanged) and `python -X importtime`'s heaviest imports from one package into another.
 
     python bench/bench_vs_timm.py [--models efficientnet_b0 efficientnet_lite0] [--repeat 3] [--threads 2]
         [--data DIR] [--lr 0.01] [--disk-cache cold|warm] [--startup] [--out DIR]
@@ -57,7 +57,7 @@ def timm_source(anchor: Path, target: Path) -> Path:
     return target
 
 
-def ours_argv(args, model: str, epochs: int, run_dir: Path) -> list[str]:
+def ours_argv(args, model: str, epochs: int, run_dir: Path, seed: int = 42) -> list[str]:
     return [
         "train.py",
         f"data.train_dir={args.data / 'train'}",
@@ -71,7 +71,7 @@ def ours_argv(args, model: str, epochs: int, run_dir: Path) -> list[str]:
         "model.drop_connect_rate=0.2",
         f"trainer.epochs={epochs}",
         f"trainer.threads={args.threads}",
-        "trainer.seed=42",
+        f"trainer.seed={seed}",
         "optimizer=sgd",
         f"optimizer.lr={args.lr}",
         "optimizer.momentum=0.9",
@@ -90,7 +90,7 @@ def ours_argv(args, model: str, epochs: int, run_dir: Path) -> list[str]:
     ]
 
 
-def timm_argv(args, model: str, epochs: int, out: Path) -> list[str]:
+def timm_argv(args, model: str, epochs: int, out: Path, seed: int = 42) -> list[str]:
     return [
         str(TIMM_SRC / "train.py"),
         "--data-dir",
@@ -112,7 +112,7 @@ def timm_argv(args, model: str, epochs: int, out: Path) -> list[str]:
         "--workers",
         str(args.workers),
         "--seed",
-        "42",
+        str(seed),
         "--opt",
         "momentum",
         "--lr",
@@ -205,20 +205,20 @@ def last_row(path: Path) -> dict[str, str]:
     return rows[-1]
 
 
-def run_ours(args, model: str, epochs: int, work: Path) -> tuple[float, float]:
+def run_ours(args, model: str, epochs: int, work: Path, seed: int) -> tuple[float, float]:
     run_dir = work / f"ours_{model}_{epochs}"
     seconds = timed(
-        ours_argv(args, model, epochs, run_dir),
+        ours_argv(args, model, epochs, run_dir, seed),
         thread_env(args.threads, view_cache(args, run_dir)),
         work / f"{run_dir.name}.log",
     )
     return seconds, float(last_row(run_dir / "metrics.csv")["val_acc"])
 
 
-def run_timm(args, model: str, epochs: int, work: Path) -> tuple[float, float]:
+def run_timm(args, model: str, epochs: int, work: Path, seed: int) -> tuple[float, float]:
     out = work / f"timm_{model}_{epochs}"
     env = thread_env(args.threads, {"PYTHONPATH": str(TIMM_SRC)})
-    seconds = timed(timm_argv(args, model, epochs, out), env, work / f"{out.name}.log")
+    seconds = timed(timm_argv(args, model, epochs, out, seed), env, work / f"{out.name}.log")
     return seconds, float(last_row(out / "run" / "summary.csv")["eval_top1"]) / 100
 
 
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 for tool in order:
                     work = out / f"rep{rep}"
                     work.mkdir(exist_ok=True)
-                    seconds, acc = RUNNERS[tool](args, model, epochs, work)
+                    seconds, acc = RUNNERS[tool](args, model, epochs, work, seed=42 + rep)
                     slot = results[model][tool][str(epochs)]
                     slot["seconds"].append(seconds)
                     slot["val_acc"].append(acc)

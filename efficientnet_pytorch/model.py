@@ -79,7 +79,7 @@ class MBConvBlock(nn.Module):
     def set_swish(self, memory_efficient: bool = True) -> None:
         """Choose the swish flavour (see :class:`~efficientnet_pytorch.utils.Swish`); ReLU6 stays."""
         if isinstance(self._swish, Swish):
-            self._swish = Swish(memory_efficient)
+            self._swish = Swish(memory_efficient, inplace=True)
 
 
 class EfficientNet(nn.Module):
@@ -200,7 +200,7 @@ class EfficientNet(nn.Module):
         Lite models keep their ReLU6.
         """
         if isinstance(self._swish, Swish):
-            self._swish = Swish(memory_efficient)
+            self._swish = Swish(memory_efficient, inplace=True)
         for block in self._blocks:
             block.set_swish(memory_efficient)
 

@@ -113,6 +113,12 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"transforms.augment.scale={list(cfg.transforms.augment.scale)} must satisfy 0 < low <= high <= 1"
             )
+    resize = cfg.trainer.progressive_resize
+    if resize.enabled and str(cfg.model.family) == "efficientnet" and resize.multiple % 32:
+        raise ConfigError(
+            f"trainer.progressive_resize.multiple={resize.multiple}: EfficientNet needs a multiple of 32 (its "
+            "static 'SAME' padding holds for sizes that stay even through its five stride-2 layers); use 32"
+        )
     for key in ("train_dir", "val_dir"):
         if cfg.data[key] is not None:
             existing_dir(f"data.{key}", cfg.data[key])

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from geektime import testpoints
@@ -54,11 +55,13 @@ def train_one_epoch(
     log_interval: int = 10,
     show_progress: bool = True,
     set_lr=None,
+    input_size: tuple[int, int] | None = None,
 ) -> dict:
     """Returns train loss and accuracy over all processes' samples, images/s and seconds.
 
     `set_lr(step)`, when given, sets the learning rate before each step (a per-step schedule such as
-    one-cycle); `step` counts from the start of this epoch."""
+    one-cycle); `step` counts from the start of this epoch. `input_size` (progressive resizing) resizes each
+    batch on the device, after augmentation, so the loader and its decoded views stay at the full size."""
     model.train()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -68,6 +71,9 @@ def train_one_epoch(
         if set_lr is not None:
             set_lr(step)
         images = normalizer(images.to(device, non_blocking=True))
+        if input_size is not None and tuple(images.shape[-2:]) != input_size:
+            images = F.interpolate(images, size=input_size, mode="bilinear", antialias=True, align_corners=False)
+            images = images.contiguous(memory_format=normalizer.memory_format)
         targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(images)

@@ -5,6 +5,7 @@ This module owns which phase an epoch is in, how the model is set up for it (bod
 optimizer, and the learning rate (and one-cycle momentum) at every step of the phase: a pure function of the
 epoch and the step, so a resume in either phase, under any process count, continues where a straight run is.
 At a phase boundary the optimizer starts afresh; the checkpoint records the phase it was written in.
+The training input size of each epoch (`trainer.progressive_resize`) is such a pure function of the epoch too.
 """
 
 from __future__ import annotations
@@ -92,3 +93,20 @@ class Schedule:
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
         set_schedule(optimizer, *self.at(epoch, step))
+
+
+def input_size(prcfg: DictConfig, all_phases: list[Phase], epoch: int, full: tuple[int, int]) -> tuple[int, int]:
+    """The training input size of `epoch` under `trainer.progressive_resize` (FFCV's and fastai's progressive
+    resizing): `start_scale` of the full size at the first epoch that trains the body, growing linearly, then
+    the full size for the last `full_size_epochs` epochs; each side a multiple of `multiple`. Validation and the
+    frozen phase (head on features of full-size images) always see the full size."""
+    full = tuple(full)
+    first = next((p.first_epoch for p in all_phases if p.name != "frozen"), None)
+    if not prcfg.enabled or first is None:
+        return full
+    full_from = max(first, all_phases[-1].last_epoch - prcfg.full_size_epochs + 1)
+    if not first <= epoch < full_from:
+        return full
+    scale = prcfg.start_scale + (1 - prcfg.start_scale) * (epoch - first) / (full_from - first)
+    step = prcfg.multiple
+    return tuple(min(side, max(step, round(side * scale / step) * step)) for side in full)

@@ -189,6 +189,16 @@ class LrFindConfig:
 
 
 @dataclass
+class ProgressiveResizeConfig:
+    """Train early epochs on smaller inputs (the batch resized on the device), full size at the end."""
+
+    enabled: bool = False
+    start_scale: float = _range(0.5, 0.0, 1.0, exclusive_low=True)  # first epoch's share of data.image_size
+    full_size_epochs: int = _range(1, 1)  # the last epochs, at data.image_size
+    multiple: int = _range(32, 1)  # sizes rounded to this (32: every EfficientNet/ResNet stride stays even)
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = _range(10, 1)
     device: str = "auto"
@@ -202,6 +212,7 @@ class TrainerConfig:
     log_interval: int = _range(10, 1)
     resume: Optional[str] = None
     overwrite: bool = False
+    progressive_resize: ProgressiveResizeConfig = field(default_factory=ProgressiveResizeConfig)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from geektime.config import to_plain, validate_train_config
 from geektime.data import InputNormalizer, build_data, eval_loader
 from geektime.engine import evaluate, train_head_epoch, train_one_epoch
 from geektime.errors import EXPECTED_FAILURES, ConfigError, NonFiniteLossError, RunFolderError
-from geektime.finetune import Phase, Schedule, phase_of, phase_optimizer, phases, set_up_model
+from geektime.finetune import Phase, Schedule, input_size, phase_of, phase_optimizer, phases, set_up_model
 from geektime.hparams import METRICS as HPARAMS_METRICS
 from geektime.hparams import log_hparams, run_hparams
 from geektime.machine import default_threads
@@ -241,6 +241,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     set_lr,
                 )
             else:
+                size = input_size(cfg.trainer.progressive_resize, all_phases, epoch, data.image_size)
+                if procs.is_main and size != tuple(data.image_size):
+                    log.info("epoch %d trains at %dx%d (trainer.progressive_resize)", epoch, *size)
                 row = train_one_epoch(
                     model,
                     data.train_loader,
@@ -254,6 +257,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     log_interval=cfg.trainer.log_interval,
                     show_progress=procs.is_main,
                     set_lr=set_lr,
+                    input_size=size,
                 )
             # One set of BatchNorm statistics (rank 0's, the checkpoint's) for every rank's val shard, and the
             # plain module: DDP's forward would add a collective that val shards of unequal length could hang.

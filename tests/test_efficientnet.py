@@ -29,6 +29,7 @@ from efficientnet_pytorch import utils as utils_module
 from efficientnet_pytorch.utils import (
     WEIGHT_FILES,
     Conv2dSame,
+    Swish,
     get_model_params,
     packaged_weights,
 )
@@ -725,3 +726,25 @@ def test_torch_compile_b0_default_inductor(b0_small):
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_swish_works_in_place_only_while_autograd_is_off():
+    act = Swish(inplace=True)
+    x = torch.randn(4, 8)
+    expected = torch.nn.functional.silu(x)
+    with torch.no_grad():
+        y = act(x)
+    assert y.data_ptr() == x.data_ptr() and torch.equal(y, expected)  # no fresh feature map in inference
+    leaf = torch.randn(4, 8, requires_grad=True)
+    hidden = leaf * 1
+    out = act(hidden)  # training: out of place, so backward still has its input
+    assert out.data_ptr() != hidden.data_ptr()
+    out.sum().backward()
+    s = torch.sigmoid(leaf.detach())
+    torch.testing.assert_close(leaf.grad, s * (1 + leaf.detach() * (1 - s)))
+    # The whole model: the same outputs with autograd on (out of place) and off (in place).
+    model = EfficientNet.from_name("efficientnet-b0", num_classes=3, image_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        off = model(images)
+    assert torch.equal(model(images).detach(), off)

@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from conftest import DORAEMON_WALLE, run_script, train_tiny
 from geektime.config import find_conf_dir, register_resolvers
-from geektime.finetune import Schedule, phase_of, phases
+from geektime.data import InputNormalizer
+from geektime.engine import train_one_epoch
+from geektime.finetune import Schedule, input_size, phase_of, phases
 
 register_resolvers()
 STAGED = ["finetune=staged", "finetune.freeze_epochs=2", "finetune.lr_mult=10"]
@@ -140,3 +142,62 @@ def test_a_resume_follows_its_checkpoints_config_changed_only_by_the_command_lin
     assert resumed.trainer.epochs == 8 and resumed.trainer.resume == "/runs/a"
     assert resumed.model.name == "resnet18" and resumed.optimizer.lr == 0.05
     assert str(resumed.model.family) == "resnet"  # typed again by the schema
+
+
+def test_progressive_resize_grows_from_start_scale_to_full_size_for_the_last_epochs():
+    cfg = compose_train("trainer.epochs=5", "trainer.progressive_resize.enabled=true")
+    sizes = [input_size(cfg.trainer.progressive_resize, phases(cfg), e, (224, 224)) for e in range(1, 6)]
+    # 0.5 * 224 = 112 -> 128 (a multiple of 32), growing linearly; the last epoch at full size.
+    assert [s[0] for s in sizes] == [128, 128, 160, 192, 224] and all(h == w for h, w in sizes)
+    off = compose_train("trainer.epochs=5")
+    assert {input_size(off.trainer.progressive_resize, phases(off), e, (224, 224)) for e in range(1, 6)} == {(224, 224)}
+    # A staged fine-tune: the frozen phase (features of full-size images) stays full, the ramp starts after it.
+    staged = compose_train(*STAGED, "trainer.epochs=6", "trainer.progressive_resize.enabled=true")
+    steps = [input_size(staged.trainer.progressive_resize, phases(staged), e, (96, 64)) for e in range(1, 7)]
+    assert steps[:2] == [(96, 64), (96, 64)] and steps[2] == (64, 32) and steps[-1] == (96, 64)
+
+
+def test_train_one_epoch_feeds_the_model_the_scheduled_size():
+    seen = []
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    model.register_forward_pre_hook(
+        lambda _, args: seen.append((tuple(args[0].shape), args[0].is_contiguous(memory_format=torch.channels_last)))
+    )
+    loader = [(torch.randint(0, 256, (4, 3, 64, 48), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))] * 2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    args = (model, loader, torch.nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    normalizer = InputNormalizer("imagenet", torch.device("cpu"), channels_last=True)
+    row = train_one_epoch(*args, normalizer, torch.device("cpu"), 1, show_progress=False, input_size=(32, 24))
+    assert seen == [((4, 3, 32, 24), True)] * 2 and math.isfinite(row["train_loss"])
+    seen.clear()
+    train_one_epoch(*args, normalizer, torch.device("cpu"), 1, show_progress=False)
+    assert seen == [((4, 3, 64, 48), True)] * 2
+
+
+@pytest.mark.slow
+def test_train_py_trains_early_epochs_smaller_with_progressive_resize(tmp_path, folders):
+    run = tmp_path / "run"
+    proc = train_tiny(
+        run,
+        *folders,
+        "trainer.epochs=3",
+        "trainer.progressive_resize.enabled=true",
+        "trainer.progressive_resize.multiple=8",
+    )
+    log = proc.stdout + proc.stderr
+    assert "epoch 1 trains at 16x16" in log and "epoch 2 trains at 24x24" in log and "epoch 3 trains" not in log
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and list(ckpt["image_size"]) == [32, 32]  # evaluation stays at the full size
+
+
+def test_progressive_resize_refuses_efficientnet_sizes_its_padding_cannot_take():
+    from geektime.config import validate_train_config
+    from geektime.errors import ConfigError
+
+    by_8 = ["trainer.progressive_resize.enabled=true", "trainer.progressive_resize.multiple=8"]
+    with pytest.raises(ConfigError, match=r"progressive_resize.multiple=8: EfficientNet needs a multiple of 32"):
+        validate_train_config(compose_train(*by_8))
+    validate_train_config(compose_train("trainer.progressive_resize.enabled=true"))  # 32: fine
+    validate_train_config(compose_train("model=resnet18", *by_8))  # a ResNet takes any size

@@ -13,6 +13,8 @@ ours with BatchNorm folded (geektime.inference.fold_batchnorm), with its activat
 this round) and in place (now); that traced, frozen and passed through
 torch.jit.optimize_for_inference (oneDNN conv fusions); ours exported to ONNX, in onnxruntime; and with
 --compile, torch.compile of the folded model. --profile prints each eager variant's most expensive operators.
+--keep-freed-memory runs every variant with glibc keeping freed memory, as our inference entry points do: compare
+two runs (with and without) for what that switch gives, since it is process-wide.
 timm is installed once with `pip install --no-deps --target` into a cache folder and added to sys.path here only.
 """
 
@@ -84,7 +86,16 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=3, help="batches per variant per round")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the folded model (slow start)")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the eager variants")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="as evaluate.py, predict and serve run: geektime.machine.keep_freed_memory() first (every variant)",
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from geektime.machine import keep_freed_memory
+
+        print(f"keep_freed_memory: {keep_freed_memory()}")
 
     import numpy as np
     import torch

@@ -21,7 +21,7 @@ from geektime.checkpoint import CheckpointError
 from geektime.data import eval_loader, load_split
 from geektime.images import IMAGE_EXTENSIONS, list_images
 from geektime.inference import Engine, ModelFileError
-from geektime.machine import cpu_count
+from geektime.machine import cpu_count, keep_freed_memory
 from geektime.predictions import write_predictions
 from geektime.schema import EvalDataConfig
 
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
+    keep_freed_memory()
     try:
         paths, folders = collect(args.inputs)
         engine = Engine(args.model, threads=args.threads or cpu_count())

@@ -43,6 +43,7 @@ from starlette.routing import Route
 from geektime.checkpoint import CheckpointError
 from geektime.images import BadImageError
 from geektime.inference import Engine, ModelFileError
+from geektime.machine import keep_freed_memory
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers allowed on top of --max-bytes
 MAX_REDIRECTS = 3
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-bytes: {err}")
     if args.batch_size < 1 or args.max_wait_ms < 0:
         parser.error("--batch-size must be at least 1 and --max-wait-ms at least 0")
+    keep_freed_memory()
     try:
         engine = Engine(args.model, threads=args.threads)
     except (ModelFileError, CheckpointError) as err:

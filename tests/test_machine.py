@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc switch")
 def test_inference_entry_points_keep_freed_memory_instead_of_faulting_it_in_again():
     """After keep_freed_memory() an eval forward pass reuses the memory the previous one freed: no page faults

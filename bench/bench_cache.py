@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-from bench_train import DEFAULT_DATA, compose, data_dirs, in_memory_step, layout, peak_rss_mib  # noqa: E402
+from bench_train import DEFAULT_DATA, compose, data_dirs, epochs_against_limit, layout, peak_rss_mib  # noqa: E402
 
 
 def config(args, extra: list[str]):
@@ -82,12 +82,10 @@ def child_prepare(args) -> dict:
 
 
 def child_train(args) -> dict:
-    import copy
 
     import torch
 
     from geektime.data import InputNormalizer, build_data
-    from geektime.engine import train_one_epoch
     from geektime.models import build_model
     from geektime.optim import optimizer_from_config
     from geektime.train import seed_everything
@@ -104,30 +102,9 @@ def child_train(args) -> dict:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
     criterion = torch.nn.CrossEntropyLoss()
-    limit_model = copy.deepcopy(model).train()
-    limit_optimizer = optimizer_from_config(cfg.optimizer, limit_model, cfg.model.family)
-    limit_step = in_memory_step(limit_model, limit_optimizer, criterion, normalizer, *next(iter(data.train_loader)))
-    for _ in range(2):
-        limit_step()
-    loop_seconds = limit_seconds = 0.0
-    for epoch in range(1, args.epochs + 1):
-        data.train_sampler.set_epoch(epoch)
-        row = train_one_epoch(
-            model,
-            data.train_loader,
-            criterion,
-            optimizer,
-            scaler,
-            normalizer,
-            torch.device("cpu"),
-            epoch,
-            show_progress=False,
-        )
-        loop_seconds += row["train_seconds"]
-        window = time.perf_counter()
-        for _ in range(len(data.train_loader)):
-            limit_step()
-        limit_seconds += time.perf_counter() - window
+    _, loop_seconds, limit_seconds = epochs_against_limit(
+        model, optimizer, scaler, normalizer, criterion, data, cfg, args.epochs
+    )
     images = getattr(data.train, "images", None)
     return {
         "kind": type(images).__name__ if images is not None else type(data.train).__name__,

@@ -23,9 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = "efficientnet_pytorch==0.7.1"
 
 
-def install_published(target: str) -> str:
-    """pip-install the published package into ``target`` once; return ``target``."""
-    if not os.path.exists(os.path.join(target, "efficientnet_pytorch", "model.py")):
+def install_published(target: str, requirement: str = PUBLISHED, package: str = "efficientnet_pytorch") -> str:
+    """pip-install `requirement` (no dependencies) into ``target`` once, for a bench to put on sys.path; return
+    ``target``. Anchors such as the published package or timm are never installed into the environment."""
+    if not os.path.exists(os.path.join(target, package, "__init__.py")):
         subprocess.run(
             [
                 sys.executable,
@@ -37,7 +38,7 @@ def install_published(target: str) -> str:
                 "--disable-pip-version-check",
                 "--target",
                 target,
-                PUBLISHED,
+                requirement,
             ],
             check=True,
         )

@@ -25,35 +25,20 @@ import copy
 import functools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+from bench_efficientnet import install_published  # noqa: E402
+
 TIMM_DIR = Path(os.environ.get("GEEKTIME_TIMM_DIR", "/tmp/timm_anchor"))
 
 
 def timm_module():
-    if not (TIMM_DIR / "timm" / "__init__.py").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--target",
-                str(TIMM_DIR),
-                "timm",
-            ],
-            check=True,
-        )
-    sys.path.insert(0, str(TIMM_DIR))
+    sys.path.insert(0, install_published(str(TIMM_DIR), "timm", "timm"))
     import timm
 
     return timm

@@ -132,15 +132,57 @@ def child_compute(args) -> dict:
     return {"images_per_s": args.steps * args.batch_size / seconds}
 
 
-def child_ours(args) -> dict:
-    """train.py's data path and loop; the compute-only limit is re-measured in this process between
-    epochs (on a copy of the model, same batch) so that both see the same background load."""
+def epochs_against_limit(model, optimizer, scaler, normalizer, criterion, data, cfg, epochs: int):
+    """`epochs` of `train_one_epoch` over the data's train loader; after each, as many compute-only steps (a copy
+    of the model on one in-memory batch) as the epoch had batches, so that both see the same background load.
+    Returns (images/s of each epoch, seconds in the loop, seconds of the compute-only steps)."""
     import copy
 
     import torch
 
+    from geektime.engine import train_one_epoch
+    from geektime.optim import optimizer_from_config
+
+    limit_model = copy.deepcopy(model).train()
+    limit_step = in_memory_step(
+        limit_model,
+        optimizer_from_config(cfg.optimizer, limit_model, str(cfg.model.family)),
+        criterion,
+        normalizer,
+        *next(iter(data.train_loader)),
+    )
+    for _ in range(2):
+        limit_step()
+    rates, loop_seconds, limit_seconds = [], 0.0, 0.0
+    for epoch in range(1, epochs + 1):
+        data.train_sampler.set_epoch(epoch)
+        row = train_one_epoch(
+            model,
+            data.train_loader,
+            criterion,
+            optimizer,
+            scaler,
+            normalizer,
+            torch.device("cpu"),
+            epoch,
+            show_progress=False,
+        )
+        rates.append(row["train_images_per_s"])
+        loop_seconds += row["train_seconds"]
+        window = time.perf_counter()
+        for _ in range(len(data.train_loader)):
+            limit_step()
+        limit_seconds += time.perf_counter() - window
+    return rates, loop_seconds, limit_seconds
+
+
+def child_ours(args) -> dict:
+    """train.py's data path and loop; the compute-only limit is re-measured in this process between
+    epochs (on a copy of the model, same batch) so that both see the same background load."""
+    import torch
+
     from geektime.data import InputNormalizer, build_data
-    from geektime.engine import evaluate, train_one_epoch
+    from geektime.engine import evaluate
     from geektime.models import build_model
     from geektime.optim import optimizer_from_config
     from geektime.train import seed_everything
@@ -159,38 +201,10 @@ def child_ours(args) -> dict:
     normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
     criterion = torch.nn.CrossEntropyLoss()
 
-    limit_model = copy.deepcopy(model).train()
-    limit_step = in_memory_step(
-        limit_model,
-        optimizer_from_config(cfg.optimizer, limit_model, str(cfg.model.family)),
-        criterion,
-        normalizer,
-        *next(iter(data.train_loader)),
+    epoch_rates, loop_seconds, limit_seconds = epochs_against_limit(
+        model, optimizer, scaler, normalizer, criterion, data, cfg, args.epochs
     )
-    for _ in range(2):
-        limit_step()
-    loop_seconds = limit_seconds = 0.0
-    epoch_rates, images = [], 0
-    for epoch in range(1, args.epochs + 1):
-        data.train_sampler.set_epoch(epoch)
-        row = train_one_epoch(
-            model,
-            data.train_loader,
-            criterion,
-            optimizer,
-            scaler,
-            normalizer,
-            torch.device("cpu"),
-            epoch,
-            show_progress=False,
-        )
-        epoch_rates.append(row["train_images_per_s"])
-        loop_seconds += row["train_seconds"]
-        images += len(data.train_loader) * args.batch_size
-        window = time.perf_counter()
-        for _ in range(len(data.train_loader)):
-            limit_step()
-        limit_seconds += time.perf_counter() - window
+    images = args.epochs * len(data.train_loader) * args.batch_size
     val = evaluate(
         model, data.val_loader, criterion, normalizer, torch.device("cpu"), data.classes, show_progress=False
     )

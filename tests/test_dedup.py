@@ -93,20 +93,8 @@ def test_exact_near_and_leaks(dataset, tmp_path, capsys):
 
 def test_quarantine_moves_second_exact_copy_only(dataset, tmp_path, capsys):
     quarantine = tmp_path / "q"
-    assert (
-        main(
-            [
-                str(dataset / "train"),
-                str(dataset / "valid"),
-                "--out",
-                str(tmp_path),
-                "--quiet",
-                "--quarantine",
-                str(quarantine),
-            ]
-        )
-        == 0
-    )
+    argv = [str(dataset / "train"), str(dataset / "valid"), "--out", str(tmp_path), "--quiet"]
+    assert main([*argv, "--quarantine", str(quarantine)]) == 0
     assert not (dataset / "valid/cat/a_copy.jpg").exists()
     assert (quarantine / "valid/cat/a_copy.jpg").read_bytes() == (dataset / "train/cat/a.jpg").read_bytes()
     assert (dataset / "train/dog/b_big.jpg").exists()  # near pairs are for review, never moved
@@ -116,20 +104,7 @@ def test_quarantine_moves_second_exact_copy_only(dataset, tmp_path, capsys):
     # Again with a fresh copy and the target taken: nothing is overwritten.
     shutil.copy(dataset / "train/cat/a.jpg", dataset / "valid/cat/a_copy.jpg")
     (quarantine / "valid/cat/a_copy.jpg").write_bytes(b"someone else's file")
-    assert (
-        main(
-            [
-                str(dataset / "train"),
-                str(dataset / "valid"),
-                "--out",
-                str(tmp_path),
-                "--quiet",
-                "--quarantine",
-                str(quarantine),
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--quarantine", str(quarantine)]) == 0
     assert "already exists" in capsys.readouterr().out
     assert (dataset / "valid/cat/a_copy.jpg").exists()
     assert (quarantine / "valid/cat/a_copy.jpg").read_bytes() == b"someone else's file"

@@ -55,6 +55,18 @@ def failed(error: str) -> dict:
     return {"status": "failed", "error": error + "\nmore detail", "traceback": "Traceback ..."}
 
 
+def rebuild_summary(sweep_dir: Path) -> subprocess.CompletedProcess:
+    """`python -m geektime.sweep <dir>`, as a user runs it after the sweep."""
+    return subprocess.run(
+        [sys.executable, "-m", "geektime.sweep", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -388,14 +400,7 @@ def test_a_failed_job_lets_the_others_run_then_the_sweep_exits_1(tmp_path, folde
     assert (Path(rows[0]["run_dir"]) / "epoch_001.pth").is_file()  # the job after the failed one ran
     assert "optimizer.lr" not in json.loads((sweep_dir / "summary.json").read_text())["constant"]
     # Rebuilt later it says the same and keeps the exit code.
-    again = subprocess.run(
-        [sys.executable, "-m", "geektime.sweep", str(sweep_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    again = rebuild_summary(sweep_dir)
     assert again.returncode == sweep.EXIT_FAILED_JOBS and f"job 0 failed: {rows[1]['error']}" in again.stderr
     assert read_csv(sweep_dir / "summary.csv") == rows
 
@@ -426,14 +431,7 @@ def test_a_sweep_killed_mid_job_is_summarized_afterwards(tmp_path, folders):
         proc.wait()
     assert not (sweep_dir / "summary.csv").exists()  # the launcher died before its callback
 
-    done = subprocess.run(
-        [sys.executable, "-m", "geektime.sweep", str(sweep_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = rebuild_summary(sweep_dir)
     assert done.returncode == 0, done.stderr
     assert "sweep summary (2 jobs, 0 failed, 1 running/unfinished)" in done.stdout
     assert "job 1 has not finished" in done.stderr

@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-from bench_train import DEFAULT_DATA, compose, data_dirs, epochs_against_limit, layout, peak_rss_mib  # noqa: E402
+from bench_train import DEFAULT_DATA, compose, data_dirs, epochs_against_limit, peak_rss_mib, training_parts  # noqa: E402
 
 
 def config(args, extra: list[str]):
@@ -85,9 +85,7 @@ def child_train(args) -> dict:
 
     import torch
 
-    from geektime.data import InputNormalizer, build_data
-    from geektime.models import build_model
-    from geektime.optim import optimizer_from_config
+    from geektime.data import build_data
     from geektime.train import seed_everything
 
     cfg = config(args, args.extra)
@@ -96,15 +94,7 @@ def child_train(args) -> dict:
     started = time.perf_counter()
     data = build_data(cfg)
     prepare_seconds = time.perf_counter() - started
-    memory_format, channels_last = layout(cfg, data.image_size)
-    model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=memory_format)
-    optimizer = optimizer_from_config(cfg.optimizer, model, cfg.model.family)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
-    criterion = torch.nn.CrossEntropyLoss()
-    _, loop_seconds, limit_seconds = epochs_against_limit(
-        model, optimizer, scaler, normalizer, criterion, data, cfg, args.epochs
-    )
+    _, loop_seconds, limit_seconds = epochs_against_limit(*training_parts(cfg, data), data, cfg, args.epochs)
     images = getattr(data.train, "images", None)
     return {
         "kind": type(images).__name__ if images is not None else type(data.train).__name__,

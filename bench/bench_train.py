@@ -88,6 +88,23 @@ def layout(cfg, size) -> tuple:
     return (torch.channels_last if cl else torch.contiguous_format), cl
 
 
+def training_parts(cfg, data) -> tuple:
+    """(model, optimizer, scaler, normalizer, criterion) as train.py builds them for this config and data, on
+    the CPU: what `epochs_against_limit` trains."""
+    import torch
+
+    from geektime.data import InputNormalizer
+    from geektime.models import build_model
+    from geektime.optim import optimizer_from_config
+
+    memory_format, channels_last = layout(cfg, data.image_size)
+    model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=memory_format)
+    optimizer = optimizer_from_config(cfg.optimizer, model, str(cfg.model.family))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
+    return model, optimizer, scaler, normalizer, torch.nn.CrossEntropyLoss()
+
+
 def in_memory_step(model, optimizer, criterion, normalizer, images, targets):
     """One forward+backward+SGD step on a batch already in memory: the unit of the compute-only limit."""
 
@@ -181,10 +198,8 @@ def child_ours(args) -> dict:
     epochs (on a copy of the model, same batch) so that both see the same background load."""
     import torch
 
-    from geektime.data import InputNormalizer, build_data
+    from geektime.data import build_data
     from geektime.engine import evaluate
-    from geektime.models import build_model
-    from geektime.optim import optimizer_from_config
     from geektime.train import seed_everything
 
     train_dir, val_dir = data_dirs(args)
@@ -194,16 +209,9 @@ def child_ours(args) -> dict:
     started = time.perf_counter()
     data = build_data(cfg)
     decode_seconds = time.perf_counter() - started
-    memory_format, channels_last = layout(cfg, data.image_size)
-    model = build_model(cfg.model, len(data.classes), data.image_size).to(memory_format=memory_format)
-    optimizer = optimizer_from_config(cfg.optimizer, model, str(cfg.model.family))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    normalizer = InputNormalizer(cfg.model.normalization, torch.device("cpu"), channels_last)
-    criterion = torch.nn.CrossEntropyLoss()
-
-    epoch_rates, loop_seconds, limit_seconds = epochs_against_limit(
-        model, optimizer, scaler, normalizer, criterion, data, cfg, args.epochs
-    )
+    parts = training_parts(cfg, data)
+    model, _, _, normalizer, criterion = parts
+    epoch_rates, loop_seconds, limit_seconds = epochs_against_limit(*parts, data, cfg, args.epochs)
     images = args.epochs * len(data.train_loader) * args.batch_size
     val = evaluate(
         model, data.val_loader, criterion, normalizer, torch.device("cpu"), data.classes, show_progress=False
